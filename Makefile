@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both build .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedrad-installed
+DEMO   := demo-out
+PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch first: the pinned version is a local CPU build; unpinned would pull CUDA.
+	$(PIP) torch==2.13.0 numpy versioneer setuptools wheel
+	# pyradiomics is a source release whose build needs numpy/versioneer already present.
+	$(PIP) --no-build-isolation pyradiomics
+	$(PIP) -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(BIN)/fedrad demo --out $(DEMO)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/extraction.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

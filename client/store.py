@@ -1,0 +1,150 @@
+"""The site's feature store: what `prepare` writes and every later stage reads.
+
+Layout of ``STORE/``::
+
+    features.parquet         one row per accepted case: patient_id, time, event, [scanner],
+                             clinical columns, then '<phase>__<feature>' columns
+    features_repeat.parquet  same feature columns from the repeat masks (ICC), if any
+    quarantine.csv           patient_id, field, reason: every case left out, and why
+    params.yaml              the pyradiomics settings used (its hash is in store.json)
+    store.json               what the columns are, counts, versions, hashes
+    cache/                   one JSON per extracted case, keyed by a content hash (resume)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from common import schemas
+from common.errors import CaseError, StoreError
+
+FORMAT = 1
+FEATURES = "features.parquet"
+REPEAT = "features_repeat.parquet"
+QUARANTINE = "quarantine.csv"
+PARAMS = "params.yaml"
+META = "store.json"
+CACHE = "cache"
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """A store opened for reading."""
+
+    path: Path
+    meta: dict
+    features: pd.DataFrame
+    repeat: pd.DataFrame | None
+    quarantine: pd.DataFrame
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return list(self.meta["columns"]["features"])
+
+    @property
+    def clinical_columns(self) -> list[str]:
+        return list(self.meta["columns"]["clinical"])
+
+    @property
+    def params_hash(self) -> str | None:
+        return self.meta.get("params_hash")
+
+
+def open_store(path: Path) -> FeatureStore:
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise StoreError(f"'{path}' is not a fedrad feature store (no {META}); run `fedrad prepare` first")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise StoreError(f"store '{path}' has format {meta.get('format')}, this fedrad reads format {FORMAT}")
+    features = pd.read_parquet(path / FEATURES)
+    repeat = pd.read_parquet(path / REPEAT) if (path / REPEAT).is_file() else None
+    quarantine = pd.read_csv(path / QUARANTINE, dtype=str, keep_default_na=False)
+    if len(features) != meta["n_cases"]:
+        raise StoreError(f"store '{path}': {FEATURES} has {len(features)} rows, {META} says {meta['n_cases']}")
+    return FeatureStore(path=path, meta=meta, features=features, repeat=repeat, quarantine=quarantine)
+
+
+def write_store(
+    path: Path,
+    *,
+    rows: list[dict],
+    repeat_rows: list[dict],
+    problems: list[CaseError],
+    columns: dict,
+    meta: dict,
+    params_text: str | None,
+) -> dict:
+    """Write the store's tables and metadata; return the metadata written.
+
+    ``columns`` gives the roles: ``scanner`` (str or None), ``clinical`` and ``features``
+    (lists). Rows keep manifest order. Files are replaced atomically so a reader never
+    sees a half-written store.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    order = [schemas.ID, schemas.TIME, schemas.EVENT]
+    if columns.get("scanner"):
+        order.append(schemas.SCANNER)
+    order += list(columns["clinical"]) + list(columns["features"])
+    table = pd.DataFrame(rows, columns=order)
+    table[schemas.EVENT] = table[schemas.EVENT].astype("int8")
+    for column in columns["clinical"]:  # a text value makes the whole column text (parquet needs one type)
+        if table[column].map(lambda v: isinstance(v, str)).any():
+            table[column] = table[column].map(lambda v: None if v is None or v != v else str(v))
+    _atomic(path / FEATURES, lambda p: table.to_parquet(p, index=False))
+    if repeat_rows:
+        repeat = pd.DataFrame(repeat_rows, columns=[schemas.ID] + list(columns["features"]))
+        _atomic(path / REPEAT, lambda p: repeat.to_parquet(p, index=False))
+    elif (path / REPEAT).exists():
+        (path / REPEAT).unlink()
+    quarantine = pd.DataFrame(
+        [(p.patient_id, p.field, p.reason) for p in problems], columns=[schemas.ID, "field", "reason"]
+    )
+    _atomic(path / QUARANTINE, lambda p: quarantine.to_csv(p, index=False))
+    if params_text is not None:
+        _atomic(path / PARAMS, lambda p: Path(p).write_text(params_text))
+    meta = dict(meta)
+    meta.update(
+        format=FORMAT,
+        n_cases=len(table),
+        n_events=int(table[schemas.EVENT].sum()),
+        n_quarantined=int(quarantine[schemas.ID].nunique()),
+        columns={"id": schemas.ID, "time": schemas.TIME, "event": schemas.EVENT, **columns},
+        features_sha256=_sha256(path / FEATURES),
+    )
+    _atomic(path / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str)))
+    return meta
+
+
+def cache_get(store: Path, key: str) -> dict | None:
+    item = Path(store) / CACHE / f"{key}.json"
+    if item.is_file():
+        try:
+            return json.loads(item.read_text())
+        except json.JSONDecodeError:  # a crash mid-write; redo the case
+            return None
+    return None
+
+
+def cache_put(store: Path, key: str, result: dict) -> None:
+    folder = Path(store) / CACHE
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic(folder / f"{key}.json", lambda p: Path(p).write_text(json.dumps(result)))
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -14,7 +14,7 @@ from common.errors import FedradError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated radiomics: build and validate prognosis models across hospitals.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 #: `fedrad prepare` exit status when the store was written but some cases were quarantined
 #: or some manifest columns were left out (0: every case accepted).

@@ -14,7 +14,8 @@ from common.errors import FedradError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated radiomics: build and validate prognosis models across hospitals.")
-console = Console(stderr=True, soft_wrap=True)
+# Logs (CI, `make demo > log`) are not terminals; give tables room rather than rich's 80 columns.
+console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
 
 #: `fedrad prepare` exit status when the store was written but some cases were quarantined
 #: or some manifest columns were left out (0: every case accepted).

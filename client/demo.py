@@ -55,7 +55,7 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
     table = Table(*summary.columns, title="fedrad demo: sites")
     for row in summary.itertuples(index=False):
         table.add_row(*(str(v) for v in row))
-    console.print(table, width=max(console.width, 130))
+    console.print(table)
     console.print("median_t: median follow-up (months); C(true): Harrell's C of the true linear predictor "
                   "(the best a model can do); prep_s: extraction seconds")
     console.print(f"stores in {out / 'stores'}; summary in {out / 'summary.csv'}; "

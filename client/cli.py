@@ -89,6 +89,9 @@ def prepare(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     _print_report(report)
+    if report.n_cases == 0:
+        console.print("[red]error:[/red] no case was accepted; see quarantine.csv")
+        raise typer.Exit(2)
     if not report.clean:
         raise typer.Exit(EXIT_QUARANTINED)
 

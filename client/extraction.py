@@ -25,7 +25,7 @@ from radiomics import featureextractor
 from client import imaging
 from client.manifest import Case
 from common import schemas
-from common.errors import CaseError
+from common.errors import CaseError, ParamsError
 
 radiomics.logger.setLevel(logging.ERROR)
 
@@ -41,11 +41,19 @@ def default_params_path(name: str = "default") -> Path:
 def load_params(path: Path | None) -> tuple[dict, str]:
     """Read a pyradiomics parameter YAML; return (settings, text)."""
     path = Path(path) if path else default_params_path()
+    if not path.is_file():
+        raise ParamsError(f"params file '{path}' not found")
     text = path.read_text()
-    params = yaml.safe_load(text) or {}
+    try:
+        params = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"params file '{path}' is not valid YAML: {exc}") from exc
     if not isinstance(params, dict):
-        raise ValueError(f"params file {path} is not a pyradiomics parameter mapping")
-    featureextractor.RadiomicsFeatureExtractor(copy.deepcopy(params))  # validates against pyradiomics' schema
+        raise ParamsError(f"params file '{path}' is not a pyradiomics parameter mapping")
+    try:  # validates against pyradiomics' schema
+        featureextractor.RadiomicsFeatureExtractor(copy.deepcopy(params))
+    except Exception as exc:
+        raise ParamsError(f"params file '{path}' is refused by pyradiomics: {exc}") from exc
     return params, text
 
 
@@ -108,6 +116,11 @@ def extract_case(case: Case, params: dict, *, label: int | None, min_voxels: int
             repeat_features.update(
                 _phase_features(image, repeat, phase, params, label, pid, schemas.MASK_REPEAT, timings)
             )
+    for values, field in ((features, schemas.MASK), (repeat_features or {}, schemas.MASK_REPEAT)):
+        bad = [name for name, value in values.items() if not np.isfinite(value)]
+        if bad:
+            raise CaseError(pid, field, f"pyradiomics returned {len(bad)} NaN/inf feature(s), e.g. {bad[0]}; "
+                                        "the region is probably too small or flat")
     return {"features": features, "repeat": repeat_features, "label": label, "timings": timings}
 
 

@@ -18,6 +18,9 @@ import pandas as pd
 from common import schemas
 from common.errors import CaseError, ManifestError
 
+#: Cell texts that mean "missing" in hospital exports; they never become values.
+MISSING = {"", "na", "n/a", "nan", "null", "none", "missing", "-", "?"}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -51,6 +54,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
     except Exception as exc:  # pandas raises several types for malformed CSV
         raise ManifestError(f"manifest '{path}' cannot be read as CSV: {exc}") from exc
     frame.columns = [c.strip() for c in frame.columns]
+    if frame.empty:
+        raise ManifestError(f"manifest '{path}' has a header but no cases")
     for required in (schemas.ID, schemas.MASK, schemas.TIME, schemas.EVENT):
         if required not in frame.columns:
             raise ManifestError(f"manifest '{path}' has no '{required}' column (columns: {', '.join(frame.columns)})")
@@ -109,6 +114,9 @@ def check_manifest(
     for pid, raw, row_problems in iter_rows(frame, required_clinical):
         if not raw[schemas.MASK].strip():
             row_problems.append(CaseError(pid, schemas.MASK, "mask path is empty"))
+        for phase in phases:
+            if not raw[image_cols[phase]].strip():
+                row_problems.append(CaseError(pid, image_cols[phase], "image path is empty"))
         if row_problems:
             problems.extend(row_problems)
             continue
@@ -156,7 +164,7 @@ def _outcome_problems(raw: pd.Series, pid: str, required_clinical) -> list[CaseE
         shown = f"'{event_text}'" if event_text else "missing"
         problems.append(CaseError(pid, schemas.EVENT, f"event is {shown}; must be 0 (censored) or 1 (event)"))
     for column in required_clinical:
-        if not str(raw[column]).strip():
+        if str(raw[column]).strip().lower() in MISSING:
             problems.append(CaseError(pid, column, f"required clinical value '{column}' is missing"))
     return problems
 
@@ -187,9 +195,9 @@ def outcome_values(raw: pd.Series, clinical: list[str]) -> dict:
 
 
 def _clinical_value(text: str):
-    """Numbers become floats, blanks become None, anything else stays text."""
+    """Numbers become floats, blanks and NA markers become None, anything else stays text."""
     text = str(text).strip()
-    if not text:
+    if text.lower() in MISSING:
         return None
     number = pd.to_numeric(text, errors="coerce")
     return text if np.isnan(number) else float(number)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -146,7 +147,7 @@ def prepare_from_manifest(
 def _case_key(case: Case, phash: str, label, min_voxels) -> str:
     """Hash of everything that determines a case's features: input bytes and settings."""
     parts = {"v": extraction.EXTRACTION_VERSION, "params": phash, "label": label, "min_voxels": min_voxels,
-             "id": case.patient_id}
+             "id": case.patient_id, "pyradiomics": radiomics.__version__, "sitk": sitk.Version_VersionString()}
     paths = {f"image_{p}": path for p, path in case.images.items()}
     paths["mask"] = case.mask
     if case.mask_repeat is not None:
@@ -163,14 +164,22 @@ def _run_all(cases: list[Case], params, label, min_voxels, jobs):
             yield case, _run_case(case, params, label, min_voxels)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    orphans = []
     with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(_run_case, case, params, label, min_voxels): case for case in cases}
         for future in as_completed(futures):
-            case = futures[future]
             try:
-                yield case, future.result()
-            except Exception as exc:  # a worker that died must not take the other cases with it
-                yield case, {"error": {"field": "extraction", "reason": f"worker failed: {type(exc).__name__}: {exc}"}}
+                yield futures[future], future.result()
+            except BrokenProcessPool:  # a worker died (e.g. out of memory): every pending case fails with it
+                orphans.append(futures[future])
+    # Redo the orphans one process each, so only the case that kills its process is quarantined.
+    for case in orphans:
+        with ProcessPoolExecutor(max_workers=1, initializer=_init_worker, initargs=(threads,)) as pool:
+            try:
+                yield case, pool.submit(_run_case, case, params, label, min_voxels).result()
+            except BrokenProcessPool:
+                yield case, {"error": {"field": "extraction",
+                                       "reason": "the extraction process died on this case (out of memory?)"}}
 
 
 def _init_worker(threads: int) -> None:

@@ -99,6 +99,8 @@ def write_store(
     for column in columns["clinical"]:  # a text value makes the whole column text (parquet needs one type)
         if table[column].map(lambda v: isinstance(v, str)).any():
             table[column] = table[column].map(lambda v: None if v is None or v != v else str(v))
+        else:
+            table[column] = table[column].astype(float)
     _atomic(path / FEATURES, lambda p: table.to_parquet(p, index=False))
     if repeat_rows:
         repeat = pd.DataFrame(repeat_rows, columns=[schemas.ID] + list(columns["features"]))

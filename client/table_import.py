@@ -42,6 +42,8 @@ def prepare_from_table(
     """
     started = datetime.now(timezone.utc)
     frame = _read_table(Path(table))
+    if frame.empty:
+        raise ManifestError(f"table '{table}' has a header but no cases")
     roles = {id_col: schemas.ID, time_col: schemas.TIME, event_col: schemas.EVENT}
     if scanner_col:
         roles[scanner_col] = schemas.SCANNER

@@ -29,5 +29,9 @@ class ManifestError(FedradError):
     """The manifest as a whole is unusable (unreadable, or a required column is absent)."""
 
 
+class ParamsError(FedradError):
+    """A pyradiomics parameter file is missing or invalid."""
+
+
 class StoreError(FedradError):
     """A feature store is missing, incomplete or inconsistent."""

@@ -34,6 +34,10 @@ class ZScale:
 
 def site_zscore_moments(y: np.ndarray) -> ZMoments:
     y = np.asarray(y, dtype=float)
+    if len(y) == 0:
+        raise ValueError("no rows to summarise")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("feature values include NaN/inf")
     mean = y.mean(axis=0)
     return ZMoments(n=len(y), mean=mean, m2=((y - mean) ** 2).sum(axis=0))
 

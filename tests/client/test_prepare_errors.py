@@ -191,3 +191,37 @@ def test_manifest_without_required_column_is_refused(tmp_path):
                                       "--out", str(tmp_path / "store")])
     assert result.exit_code == 2
     assert "has no 'mask' column" in result.output
+
+
+def test_na_markers_are_missing_not_text(tmp_path):
+    rows = [_row(tumour_case(tmp_path, pid, seed=i)) for i, pid in enumerate(GOOD)]
+    rows[0]["age"] = "NA"
+    rows[1]["grade"] = "n/a"
+    rows[2]["image_venous"] = ""
+    manifest = write_manifest(tmp_path / "manifest.csv", rows)
+    result = CliRunner().invoke(app, ["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "store"),
+                                      "--require", "grade", "--jobs", "1", "--quiet"])
+    assert result.exit_code == EXIT_QUARANTINED, result.output
+    store = pd.read_parquet(tmp_path / "store" / "features.parquet")
+    assert store["patient_id"].tolist() == ["good-1"]
+    assert store["age"].isna().all() and store["age"].dtype == float
+    quarantine = pd.read_csv(tmp_path / "store" / "quarantine.csv")
+    assert quarantine.values.tolist() == [
+        ["good-2", "grade", "required clinical value 'grade' is missing"],
+        ["good-3", "image_venous", "image path is empty"],
+    ]
+
+
+def test_header_only_manifest_and_bad_params_exit_2(tmp_path):
+    write_manifest(tmp_path / "manifest.csv", [{"patient_id": "x", "image_venous": "a", "mask": "m", "time": 1,
+                                               "event": 0}])
+    (tmp_path / "empty.csv").write_text("patient_id,image_venous,mask,time,event\n")
+    result = CliRunner().invoke(app, ["prepare", "--manifest", str(tmp_path / "empty.csv"), "--out",
+                                      str(tmp_path / "s1")])
+    assert result.exit_code == 2 and "has a header but no cases" in result.output
+    result = CliRunner().invoke(app, ["prepare", "--manifest", str(tmp_path / "manifest.csv"), "--out",
+                                      str(tmp_path / "s2"), "--params", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "params file" in result.output and "not found" in result.output
+    result = CliRunner().invoke(app, ["prepare", "--manifest", str(tmp_path / "manifest.csv"), "--out",
+                                      str(tmp_path / "s3"), "--quiet"])
+    assert result.exit_code == 2 and "no case was accepted" in result.output

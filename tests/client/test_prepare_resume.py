@@ -78,3 +78,23 @@ def test_dicom_series_folder_reads_like_the_nifti(tmp_path):
     columns = [c for c in features.columns if "__original_" in c]
     np.testing.assert_allclose(features.loc["dicom", columns].astype(float),
                                features.loc["nifti", columns].astype(float), rtol=1e-6)
+
+
+def test_a_case_that_kills_its_worker_quarantines_only_itself(tmp_path, monkeypatch):
+    """A worker dying (say, out of memory) breaks the whole pool; only that case may be lost."""
+    import os
+
+    from client import extraction
+
+    original = extraction.extract_case
+
+    def dies_on_p1(case, *args, **kwargs):
+        if case.patient_id == "p1":
+            os._exit(9)
+        return original(case, *args, **kwargs)
+
+    monkeypatch.setattr(extraction, "extract_case", dies_on_p1)  # workers are forked, so they see it
+    report = prepare_from_manifest(_site(tmp_path, n=6), tmp_path / "store", jobs=2, show_progress=False)
+    assert [(p.patient_id, p.field) for p in report.problems] == [("p1", "extraction")]
+    assert "process died on this case" in report.problems[0].reason
+    assert report.n_cases == 5

@@ -43,3 +43,8 @@ def test_constant_feature_is_refused_by_name():
     with pytest.raises(ValueError, match=r"1 feature\(s\) are constant across all sites \(e\.g\. glcm_Id\)"):
         update_zscore(combine_zscore_moments([site_zscore_moments(y[:3]), site_zscore_moments(y[3:])]),
                       feature_names=["firstorder_Mean", "glcm_Id"])
+
+
+def test_site_without_rows_is_refused():
+    with pytest.raises(ValueError, match="no rows to summarise"):
+        site_zscore_moments(np.empty((0, 3)))

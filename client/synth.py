@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from rich.progress import Progress
 from scipy import ndimage
 
 from common import schemas
@@ -112,8 +113,6 @@ def generate_cohort(
     rng = np.random.default_rng(seed)
     profiles = site_profiles(n_sites, rng)
     truth_rows = []
-    from rich.progress import Progress
-
     with Progress(disable=not show_progress) as progress:
         task = progress.add_task("synthesising", total=n_sites * n_patients)
         for profile in profiles:

@@ -135,10 +135,14 @@ class CombatResiduals:
     n_batch: np.ndarray
 
 
+def _covariate_part(X, fit: CombatFit) -> np.ndarray:
+    """neuroCombat's ``mod_mean``: the covariates' share of each row, shape (n_samples, n_features)."""
+    return X[:, fit.spec.n_batch:] @ fit.beta[fit.spec.n_batch:]
+
+
 def _centred(y, X, fit: CombatFit) -> np.ndarray:
     """r = y - grand mean - covariate part (neuroCombat's ``X - stand_mean - mod_mean``)."""
-    covariate_part = X[:, fit.spec.n_batch:] @ fit.beta[fit.spec.n_batch:]
-    return np.asarray(y, dtype=float) - fit.grand_mean - covariate_part
+    return np.asarray(y, dtype=float) - fit.grand_mean - _covariate_part(X, fit)
 
 
 def site_combat_residuals(y: np.ndarray, X: np.ndarray, fit: CombatFit) -> CombatResiduals:
@@ -286,10 +290,10 @@ def site_combat_adjust(y: np.ndarray, X: np.ndarray, estimates: CombatEstimates)
     """Harmonised rows of one site: y* = σ (z - γ*_b) / sqrt(δ*_b) + grand mean + covariate part."""
     fit = estimates.fit
     sigma = np.sqrt(estimates.var_pooled)
-    z = _centred(y, X, fit) / sigma
+    covariate_part = _covariate_part(X, fit)
+    z = (np.asarray(y, dtype=float) - fit.grand_mean - covariate_part) / sigma
     onehot = X[:, : fit.spec.n_batch]
     adjusted = (z - onehot @ estimates.gamma_star) / np.sqrt(onehot @ estimates.delta_star)
-    covariate_part = X[:, fit.spec.n_batch:] @ fit.beta[fit.spec.n_batch:]
     return adjusted * sigma + fit.grand_mean + covariate_part
 
 

@@ -131,5 +131,15 @@ def demo(
         raise typer.Exit(2)
 
 
+# Federation commands live with the coordinator code; one `fedrad` command serves both roles.
+from server import cli as _server_cli  # noqa: E402
+
+app.command("local")(_server_cli.local)
+app.command("status")(_server_cli.status)
+app.command("ledger")(_server_cli.ledger)
+app.add_typer(_server_cli.site_app, name="site")
+app.add_typer(_server_cli.coordinator_app, name="coordinator")
+
+
 if __name__ == "__main__":
     sys.exit(app())

@@ -33,7 +33,7 @@ __all__ = [
     "DesignSpec", "CombatMoments", "CombatResiduals", "CombatFit", "CombatEstimates",
     "design_matrix", "site_combat_moments", "combine_combat_moments", "update_combat_fit",
     "site_combat_residuals", "combine_combat_residuals", "update_combat_estimates", "site_combat_adjust",
-    "FederatedComBat",
+    "FederatedComBat", "estimates_to_arrays", "estimates_from_arrays",
 ]
 
 #: neuroCombat's stopping rule for the parametric EB iteration.
@@ -350,3 +350,25 @@ class FederatedComBat:
     def fit_transform(self, Y, *, batch, covariates: dict | None = None, site=None):
         return self.fit(Y, batch=batch, covariates=covariates, site=site).transform(
             Y, batch=batch, covariates=covariates)
+
+
+def estimates_to_arrays(estimates: CombatEstimates) -> dict[str, np.ndarray]:
+    """Every array of the fitted reference, by name (priors absent when mean-only)."""
+    arrays = {
+        "beta": estimates.fit.beta, "grand_mean": estimates.fit.grand_mean, "n_batch": estimates.fit.n_batch,
+        "var_pooled": estimates.var_pooled, "gamma_hat": estimates.gamma_hat, "delta_hat": estimates.delta_hat,
+        "gamma_bar": estimates.gamma_bar, "t2": estimates.t2,
+        "gamma_star": estimates.gamma_star, "delta_star": estimates.delta_star,
+    }
+    if estimates.a_prior is not None:
+        arrays.update(a_prior=estimates.a_prior, b_prior=estimates.b_prior)
+    return arrays
+
+
+def estimates_from_arrays(arrays: dict[str, np.ndarray], spec: DesignSpec) -> CombatEstimates:
+    """Inverse of :func:`estimates_to_arrays` (what a site rebuilds from the coordinator's message)."""
+    fit = CombatFit(beta=arrays["beta"], grand_mean=arrays["grand_mean"], n_batch=arrays["n_batch"], spec=spec)
+    return CombatEstimates(fit=fit, var_pooled=arrays["var_pooled"], gamma_hat=arrays["gamma_hat"],
+                           delta_hat=arrays["delta_hat"], gamma_bar=arrays["gamma_bar"], t2=arrays["t2"],
+                           a_prior=arrays.get("a_prior"), b_prior=arrays.get("b_prior"),
+                           gamma_star=arrays["gamma_star"], delta_star=arrays["delta_star"])

@@ -8,13 +8,9 @@ batch 1-5 / 6-10, gender covariate [1,2,...]).
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pandas as pd
 import pytest
-from neuroCombat import neuroCombat
 
 from common.combat import (
     DesignSpec,
@@ -27,6 +23,7 @@ from common.combat import (
     combine_combat_residuals,
     site_combat_residuals,
 )
+from tests.oracles import neurocombat
 
 MODES = {  # name -> (eb, parametric, mean_only)
     "parametric": (True, True, False),
@@ -36,13 +33,6 @@ MODES = {  # name -> (eb, parametric, mean_only)
     "nonparametric_meanonly": (True, False, True),
     "noeb_meanonly": (False, True, True),
 }
-
-
-def _neurocombat(y, covars: pd.DataFrame, *, categorical=(), continuous=(), eb, parametric, mean_only):
-    with contextlib.redirect_stdout(io.StringIO()):  # neuroCombat prints progress
-        out = neuroCombat(np.asarray(y, dtype=float).T.copy(), covars, "batch", categorical_cols=list(categorical),
-                          continuous_cols=list(continuous), eb=eb, parametric=parametric, mean_only=mean_only)
-    return out["data"].T
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +107,7 @@ def test_federated_equals_pooled_neurocombat(radiomics_like, mode, batch_by):
     batch = site if batch_by == "site" else scanner
     eb, parametric, mean_only = MODES[mode]
     covars = pd.DataFrame({"batch": batch, "sex": sex, "age": age})
-    reference = _neurocombat(y, covars, categorical=["sex"], continuous=["age"], eb=eb, parametric=parametric,
+    reference = neurocombat(y, covars, categorical=["sex"], continuous=["age"], eb=eb, parametric=parametric,
                              mean_only=mean_only)
     got = FederatedComBat(eb=eb, parametric=parametric, mean_only=mean_only, categorical=("sex",),
                           continuous=("age",)).fit_transform(y, batch=batch, covariates={"sex": sex, "age": age},
@@ -160,7 +150,7 @@ def test_nonparametric_refuses_where_neurocombat_returns_nan():
     y = y + np.where(scanner == "Philips", 1.0, 0.0)[:, None] * offsets
     covars = pd.DataFrame({"batch": scanner})
     with np.errstate(all="ignore"):
-        reference = _neurocombat(y, covars, eb=True, parametric=False, mean_only=False)
+        reference = neurocombat(y, covars, eb=True, parametric=False, mean_only=False)
     assert np.isnan(reference).any()
     with pytest.raises(ValueError, match=r"non-parametric EB is undefined: every likelihood underflows for "
                                          r"batch '\w+' \(n=\d+\)"):

@@ -1,0 +1,101 @@
+"""The Flower ClientApp a site runs: one handler per message type, all behind the guard.
+
+The SuperNode's node config names the site's store and label::
+
+    flower-supernode ... --node-config 'store="/data/fedrad-store" site-name="sarcoma-centre-a"'
+
+Optional ``min-count=10`` raises the site's own minimum above the study's (never lowers it).
+Every reply passes the privacy guard and is written to ``STORE/egress.jsonl`` before it
+leaves; a refusal or error goes back instead, scrubbed of patient identifiers, and is on the
+ledger too. Details the site's staff need (with patient ids) go to ``STORE/site.log``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from client.ledger import append_entry
+from client.privacy import PrivacyRefusal, check_reply, scrub
+from client.site_census import census_reply
+from client.site_data import site_log
+from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, zscore_reply
+from client.store import open_store
+from common import schemas
+from common.errors import FedradError
+from common.messages import STAGE_OF, record_arrays, request_plan
+from common.study import parse_study
+
+#: error codes the coordinator reads: the site refused on privacy grounds / could not answer.
+PRIVACY_REFUSED = 901
+SITE_FAILED = 902
+
+app = ClientApp()
+
+
+def site_settings(node_config) -> tuple[Path, str, int]:
+    if "store" not in node_config:
+        raise FedradError("this SuperNode has no 'store' in its --node-config; start it with `fedrad site join`")
+    store = Path(str(node_config["store"]))
+    return store, str(node_config.get("site-name") or store.name), int(node_config.get("min-count", 0))
+
+
+def answer(msg: Message, context: Context, build) -> Message:
+    """Run ``build(store, plan, study, site, min_count) -> (content, disclosure)``, guard, ledger, reply."""
+    store_path, site, site_min = site_settings(context.node_config)
+    message_type = msg.metadata.message_type
+    stage = STAGE_OF.get(message_type, message_type)
+    identifiers: frozenset[str] = frozenset()
+    try:
+        plan = request_plan(msg.content)
+        study = parse_study(plan["study"], source="the coordinator's study")
+        min_count = max(study.privacy.min_count, site_min)
+        store = open_store(store_path)
+        identifiers = frozenset(store.features[schemas.ID].astype(str))
+        content, disclosure = build(store, plan, study, site, min_count)
+        check_reply(content, disclosure, min_count)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a scrubbed, ledgered refusal
+        privacy = isinstance(exc, PrivacyRefusal)
+        reason = scrub(f"{site}: {'privacy guard: ' if privacy else ''}{exc}", identifiers)
+        if store_path.is_dir():
+            site_log(store_path, f"{message_type} refused: {exc}\n"
+                     + ("" if isinstance(exc, FedradError) else traceback.format_exc()))
+            append_entry(store_path, run_id=context.run_id, stage=stage, message_type=message_type, refusal=reason)
+        return Message(Error(code=PRIVACY_REFUSED if privacy else SITE_FAILED, reason=reason), reply_to=msg)
+    append_entry(store_path, run_id=context.run_id, stage=stage, message_type=message_type, content=content)
+    return Message(content, reply_to=msg)
+
+
+@app.query("census")
+def census(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  census_reply(store, study, site, min_count))
+
+
+@app.query("combat_moments")
+def combat_moments(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count: moments_reply(store, plan, site))
+
+
+@app.query("combat_residuals")
+def combat_residuals(msg: Message, context: Context) -> Message:
+    arrays = record_arrays(msg.content["arrays"])
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  residuals_reply(store, plan, site, arrays))
+
+
+@app.query("combat_adjust")
+def combat_adjust(msg: Message, context: Context) -> Message:
+    arrays = record_arrays(msg.content["arrays"])
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  adjust_reply(store, plan, site, arrays, context.run_id))
+
+
+@app.query("zscore_apply")
+def zscore_apply(msg: Message, context: Context) -> Message:
+    arrays = record_arrays(msg.content["arrays"])
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  zscore_reply(store, plan, arrays, context.run_id))

@@ -1,0 +1,90 @@
+"""Reading a site's store into the arrays a stage needs, and writing what stays at the site.
+
+Outputs that stay at the site (``STORE/``)::
+
+    harmonised.parquet    ComBat-adjusted features: same ids and columns as features.parquet
+    standardised.parquet  the same, z-scored with the pooled mean and SD
+    harmonised.json       the reference both were made with (id, features, batch, z-scale)
+    site.log              what the site's staff need to fix (with patient ids: it never leaves)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from client.store import FEATURES, _atomic
+from common import schemas
+from common.combat import DesignSpec, design_matrix
+from common.study import SITE_BATCH
+
+HARMONISED = "harmonised.parquet"
+STANDARDISED = "standardised.parquet"
+HARMONISED_META = "harmonised.json"
+SITE_LOG = "site.log"
+
+
+def site_log(store_path: Path, text: str) -> None:
+    with open(Path(store_path) / SITE_LOG, "a", encoding="utf-8") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+
+
+def batch_labels(table: pd.DataFrame, batch: str, site: str) -> tuple[pd.Series | None, str | None]:
+    """Each case's batch label (the site's own name when batching by site), or a problem."""
+    if batch == SITE_BATCH:
+        return pd.Series([site] * len(table), index=table.index), None
+    if batch not in table.columns:
+        return None, f"batch column '{batch}' is not a column of the store"
+    labels = table[batch]
+    if labels.isna().any():
+        return None, f"batch column '{batch}' is empty for some cases (listed in the site log)"
+    return labels.astype(str), None
+
+
+def design_spec(plan: dict) -> DesignSpec:
+    design = plan["design"]
+    return DesignSpec(batch_levels=tuple(design["batch_levels"]),
+                      categorical={k: tuple(v) for k, v in design["categorical"].items()},
+                      continuous=tuple(design["continuous"]))
+
+
+def harmonise_inputs(table: pd.DataFrame, plan: dict, site: str):
+    """(ids, y, X, spec) for ComBat: features, design matrix in the study's global levels."""
+    features = plan["features"]
+    absent = [c for c in features if c not in table.columns]
+    if absent:
+        raise ValueError(f"the store lacks {len(absent)} feature column(s) the study uses, e.g. {absent[:3]}")
+    study = plan["study"]["harmonise"]
+    labels, problem = batch_labels(table, study["batch"], site)
+    if problem:
+        raise ValueError(problem)
+    covariates = {name: table[name].to_numpy() for name in study["categorical"] + study["continuous"]}
+    spec = design_spec(plan)
+    X = design_matrix(labels.to_numpy(), covariates, spec)
+    y = table[features].to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(y)):
+        raise ValueError("feature values include NaN/inf")
+    return table[schemas.ID].astype(str).to_numpy(), y, X, spec
+
+
+def write_feature_table(store_path: Path, name: str, table: pd.DataFrame, features: list[str], values) -> None:
+    """A copy of features.parquet with ``features`` replaced by ``values`` (same ids, same columns)."""
+    out = table.copy()
+    out[features] = values
+    _atomic(Path(store_path) / name, lambda p: out.to_parquet(p, index=False))
+
+
+def write_harmonised_meta(store_path: Path, meta: dict) -> None:
+    _atomic(Path(store_path) / HARMONISED_META, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+
+
+def read_harmonised_meta(store_path: Path) -> dict:
+    return json.loads((Path(store_path) / HARMONISED_META).read_text())
+
+
+__all__ = ["HARMONISED", "STANDARDISED", "HARMONISED_META", "SITE_LOG", "FEATURES", "site_log", "batch_labels",
+           "design_spec", "harmonise_inputs", "write_feature_table", "write_harmonised_meta", "read_harmonised_meta"]

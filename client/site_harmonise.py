@@ -1,0 +1,72 @@
+"""ComBat and z-scoring at a site: the site half of `server/harmonise.py`, round by round.
+
+Each function answers one message type with aggregates (a Disclosure says what they were
+computed from) and leaves the adjusted rows in the store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from flwr.app import MetricRecord, RecordDict
+
+from client.privacy import Disclosure
+from client.site_data import (HARMONISED, STANDARDISED, harmonise_inputs, read_harmonised_meta,
+                              write_feature_table, write_harmonised_meta)
+from client.store import FeatureStore
+from common import schemas
+from common.combat import CombatFit, estimates_from_arrays, site_combat_adjust, site_combat_moments, site_combat_residuals
+from common.messages import arrays_record
+from common.zscore import ZScale, site_zscore_apply, site_zscore_moments
+
+
+def _disclosure(ids, X, spec) -> Disclosure:
+    counts = X[:, : spec.n_batch].sum(axis=0)
+    return Disclosure(n_cases=len(ids), identifiers=frozenset(ids),
+                      groups={f"batch '{lv}'": int(c) for lv, c in zip(spec.batch_levels, counts)})
+
+
+def moments_reply(store: FeatureStore, plan: dict, site: str) -> tuple[RecordDict, Disclosure]:
+    ids, y, X, spec = harmonise_inputs(store.features, plan, site)
+    m = site_combat_moments(y, X, spec)
+    return RecordDict({"arrays": arrays_record(xtx=m.xtx, xty=m.xty, n_batch=m.n_batch)}), _disclosure(ids, X, spec)
+
+
+def residuals_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
+    ids, y, X, spec = harmonise_inputs(store.features, plan, site)
+    fit = CombatFit(beta=arrays["beta"], grand_mean=arrays["grand_mean"], n_batch=arrays["n_batch"], spec=spec)
+    r = site_combat_residuals(y, X, fit)
+    content = RecordDict({"arrays": arrays_record(ss_resid=r.ss_resid, sum_r=r.sum_r, sum_r2=r.sum_r2,
+                                                  n_batch=r.n_batch)})
+    return content, _disclosure(ids, X, spec)
+
+
+def adjust_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:
+    """Adjust this site's rows, keep them in the store, and return their z-score moments."""
+    ids, y, X, spec = harmonise_inputs(store.features, plan, site)
+    adjusted = site_combat_adjust(y, X, estimates_from_arrays(arrays, spec))
+    write_feature_table(store.path, HARMONISED, store.features, plan["features"], adjusted)
+    write_harmonised_meta(store.path, {
+        "reference": plan["reference"], "run": run_id, "batch": plan["study"]["harmonise"]["batch"],
+        "features": plan["features"], "zscored": False,
+    })
+    z = site_zscore_moments(adjusted)
+    content = RecordDict({"arrays": arrays_record(mean=z.mean, m2=z.m2), "counts": MetricRecord({"n": z.n})})
+    return content, _disclosure(ids, X, spec)
+
+
+def zscore_reply(store: FeatureStore, plan: dict, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:
+    """z-score the harmonised rows with the pooled mean/SD; reply with an acknowledgement only."""
+    meta = read_harmonised_meta(store.path)
+    if meta.get("reference") != plan["combat_reference"]:
+        raise ValueError("this site's harmonised.parquet comes from another ComBat fit; rerun the harmonise stage")
+    table = pd.read_parquet(store.path / HARMONISED)
+    features = plan["features"]
+    scale = ZScale(mean=arrays["mean"], sd=arrays["sd"])
+    write_feature_table(store.path, STANDARDISED, table, features,
+                        site_zscore_apply(table[features].to_numpy(np.float64), scale))
+    meta.update(reference=plan["reference"], run=run_id, zscored=True)
+    write_harmonised_meta(store.path, meta)
+    ids = table[schemas.ID].astype(str)
+    return RecordDict({"counts": MetricRecord({"n": len(table)})}), Disclosure(n_cases=len(table),
+                                                                               identifiers=frozenset(ids))

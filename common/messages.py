@@ -1,0 +1,48 @@
+"""What travels between coordinator and sites: message types and record layout.
+
+Every request carries the study and the coordinator's plan as JSON text in the
+``ConfigRecord`` "plan", so a site that restarted mid-run (Flower keeps no state across a
+SuperNode restart) can still answer. Arrays travel as float64 ``Array`` s (bit-exact).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+CENSUS = "query.census"
+COMBAT_MOMENTS = "query.combat_moments"
+COMBAT_RESIDUALS = "query.combat_residuals"
+COMBAT_ADJUST = "query.combat_adjust"
+ZSCORE_APPLY = "query.zscore_apply"
+
+#: the stage each message type belongs to (the ledger names it).
+STAGE_OF = {CENSUS: "census", COMBAT_MOMENTS: "harmonise", COMBAT_RESIDUALS: "harmonise",
+            COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise"}
+
+
+def arrays_record(**arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()})
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def request(plan: dict, **arrays) -> RecordDict:
+    content = RecordDict({"plan": ConfigRecord({"json": json.dumps(plan, sort_keys=True)})})
+    if arrays:
+        content["arrays"] = arrays_record(**arrays)
+    return content
+
+
+def request_plan(content: RecordDict) -> dict:
+    return json.loads(content["plan"]["json"])
+
+
+def payload_bytes(content: RecordDict) -> bytes:
+    """A record as Flower serialises it (deterministic): what is sized, hashed and ledgered."""
+    return recorddict_to_proto(content).SerializeToString(deterministic=True)

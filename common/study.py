@@ -1,0 +1,161 @@
+"""The study file (`study.toml`): what a consortium agreed to compute, validated before anything runs.
+
+Every section refuses unknown keys, so a typo (``min_cout = 3``) is an error naming the key,
+not a silently ignored setting. Example::
+
+    [study]
+    name = "sarcoma-rfs"
+    stages = ["census", "harmonise"]
+
+    [outcome]
+    time = "time"
+    event = "event"
+
+    [features]
+    include = ["venous__original_*"]      # globs over store feature columns
+    exclude = ["*_shape_*"]
+
+    [harmonise]
+    batch = "scanner"                     # "site" (default) or any store column
+    categorical = ["sex"]                 # biological covariates ComBat preserves
+    continuous = ["age"]
+    eb = true
+    parametric = true
+    mean_only = false
+    zscore = true
+
+    [privacy]
+    min_count = 5
+
+    [federation]
+    min_sites = 2
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import FedradError
+
+__all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features", "STAGES", "SITE_BATCH"]
+
+#: stages in the order a study runs them (later issues add select, fit, evaluate, package).
+STAGES = ("census", "harmonise")
+#: the batch name meaning "each site is its own batch".
+SITE_BATCH = "site"
+
+
+class StudyError(FedradError):
+    """The study file is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudyInfo(_Section):
+    name: str = "study"
+    stages: tuple[str, ...] = STAGES
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages):
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        if len(set(stages)) != len(stages):
+            raise ValueError("a stage is listed twice")
+        if stages and stages[0] != "census":
+            raise ValueError("'census' must come first: it is the roll call every later stage relies on")
+        return tuple(sorted(stages, key=STAGES.index))
+
+
+class Outcome(_Section):
+    time: str = "time"
+    event: str = "event"
+
+
+class Features(_Section):
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+
+class Harmonise(_Section):
+    batch: str = SITE_BATCH
+    categorical: tuple[str, ...] = ()
+    continuous: tuple[str, ...] = ()
+    eb: bool = True
+    parametric: bool = True
+    mean_only: bool = False
+    zscore: bool = True
+
+    @model_validator(mode="after")
+    def _covariates_distinct(self):
+        both = set(self.categorical) & set(self.continuous)
+        if both:
+            raise ValueError(f"covariate(s) {sorted(both)} are listed as both categorical and continuous")
+        if self.batch in set(self.categorical) | set(self.continuous):
+            raise ValueError(f"'{self.batch}' is the batch; it cannot also be a covariate")
+        return self
+
+
+class Privacy(_Section):
+    min_count: int = Field(5, ge=1, description="smallest number of cases any aggregate may come from")
+
+
+class Federation(_Section):
+    min_sites: int = Field(2, ge=1, description="a stage fails unless at least this many sites answer")
+    expected_sites: int = Field(0, ge=0, description="wait for this many sites before starting (0: min_sites)")
+    wait_for_sites_s: float = Field(120, gt=0)
+    round_timeout_s: float = Field(900, gt=0, description="longest wait for one round's replies")
+
+
+class Study(_Section):
+    study: StudyInfo = StudyInfo()
+    outcome: Outcome = Outcome()
+    features: Features = Features()
+    harmonise: Harmonise = Harmonise()
+    privacy: Privacy = Privacy()
+    federation: Federation = Federation()
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the named sections: a finished stage is reused only if its inputs are unchanged."""
+        data = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def parse_study(data: dict, source: str = "study") -> Study:
+    try:
+        return Study.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"  {where}: {message}")
+        raise StudyError(f"{source} is invalid:\n" + "\n".join(problems)) from None
+
+
+def load_study(path: Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file '{path}' does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyError(f"study file '{path}' is not valid TOML: {exc}") from None
+    return parse_study(data, source=f"study file '{path}'")
+
+
+def select_features(columns: list[str], features: Features) -> list[str]:
+    """Store feature columns matching ``include`` and not ``exclude``, in store order."""
+    return [c for c in columns
+            if any(fnmatch.fnmatchcase(c, g) for g in features.include)
+            and not any(fnmatch.fnmatchcase(c, g) for g in features.exclude)]

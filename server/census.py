@@ -1,0 +1,128 @@
+"""Stage 1, census: who is here, how many cases and events, which features, which settings.
+
+Always runs, also when a study is resumed: it is the roll call that maps Flower node ids to
+site names, and its fingerprint tells whether finished stages are still valid. A site whose
+pyradiomics settings differ from the others' is refused (features from different settings
+are not comparable, and ComBat cannot fix that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from logging import INFO, WARNING
+
+from flwr.common.logger import log
+
+from common.messages import CENSUS, request
+from common.study import Study
+from server.federation import Federation, StageFailed, StageTraffic
+
+
+def run_census(fed: Federation, study: Study) -> dict:
+    traffic = StageTraffic()
+    targets = {f"node {n}": n for n in sorted(fed.online())}
+    plan = {"study": study.model_dump(mode="json")}
+    outcome = fed.ask("census", 1, CENSUS, {label: request(plan) for label in targets}, targets, traffic)
+    sites: dict[str, dict] = {}
+    refused: dict[str, str] = {}
+    for label, content in sorted(outcome.replies.items()):
+        info = _site_info(content)
+        if info["name"] in sites:
+            raise StageFailed(f"two SuperNodes call themselves '{info['name']}'; give each site its own site-name")
+        sites[info["name"]] = info
+        fed.sites[info["name"]] = targets[label]
+        fed.runlog.rename_site("census", label, info["name"])
+        for counter in (traffic.bytes_out, traffic.bytes_in):
+            counter[info["name"]] = counter.pop(label)
+    for label, reason in outcome.failures.items():
+        refused[label] = reason
+    params_hash = _refuse_odd_settings(sites, refused)
+    for name in refused:
+        fed.sites.pop(name, None)
+    accepted = {name: info for name, info in sites.items() if name not in refused}
+    if len(accepted) < study.federation.min_sites:
+        raise StageFailed(f"census: {len(accepted)} site(s) usable, the study needs min_sites="
+                          f"{study.federation.min_sites}; refused: {_listing(refused)}")
+    features = [f for f in next(iter(accepted.values()))["features"]
+                if all(f in set(info["features"]) for info in accepted.values())]
+    if not features:
+        raise StageFailed("census: no feature column matches the study's [features] at every site")
+    not_everywhere = sorted({f for info in accepted.values() for f in info["features"]} - set(features))
+    batch_totals: Counter = Counter()
+    for info in accepted.values():
+        batch_totals.update(info["batch_counts"])
+    result = {
+        "sites": {name: _public(info) for name, info in sorted(accepted.items())},
+        "refused": refused,
+        "params_hash": params_hash,
+        "features": features,
+        "n_features": len(features),
+        "features_not_at_every_site": not_everywhere,
+        "totals": {"sites": len(accepted), "cases": sum(i["cases"] for i in accepted.values()),
+                   "events": sum(i["events"] for i in accepted.values())},
+        "batch_levels": dict(sorted(batch_totals.items())),
+        "traffic": traffic.summary(),
+    }
+    result["fingerprint"] = _fingerprint(accepted, features)
+    log(INFO, "census: %d site(s), %d cases, %d events, %d features", len(accepted), result["totals"]["cases"],
+        result["totals"]["events"], len(features))
+    for name, reason in refused.items():
+        log(WARNING, "census: %s refused: %s", name, reason)
+    return result
+
+
+def _site_info(content) -> dict:
+    site, counts = content["site"], content["counts"]
+    levels = list(site["batch_levels"])
+    return {
+        "name": str(site["name"]),
+        "fedrad_version": str(site["fedrad_version"]),
+        "params_hash": str(site["params_hash"]),
+        "features": list(site["features"]),
+        "batch_counts": dict(zip(levels, (int(c) for c in counts["batch_counts"]))),
+        "small_batch_levels": list(site["small_batch_levels"]),
+        "problems": list(site["problems"]),
+        "harmonised_reference": str(site["harmonised_reference"]),
+        "store_sha256": str(site["store_sha256"]),
+        "categorical_levels": {k.split(":", 1)[1]: list(v) for k, v in site.items() if k.startswith("levels:")},
+        "cases": int(counts["cases"]),
+        "events": int(counts["events"]),
+        "quarantined": int(counts["quarantined"]),
+        "repeat_cases": int(counts["repeat_cases"]),
+        "features_in_store": int(counts["features_in_store"]),
+    }
+
+
+def _public(info: dict) -> dict:
+    """What results.json shows of a site (feature names are listed once, for the study)."""
+    shown = {k: v for k, v in info.items() if k not in ("features", "name", "store_sha256")}
+    shown["features_selected"] = len(info["features"])
+    return shown
+
+
+def _refuse_odd_settings(sites: dict[str, dict], refused: dict[str, str]) -> str:
+    """Keep the sites with the most common settings hash; refuse the others, naming both hashes."""
+    if not sites:
+        return ""
+    counts = Counter(info["params_hash"] for info in sites.values())
+    (common, top), *rest = counts.most_common()
+    if rest and rest[0][1] == top:
+        raise StageFailed("census: sites disagree on extraction settings and no setting has a majority: "
+                          + ", ".join(f"{n} uses {i['params_hash'][:12] or 'none'}" for n, i in sorted(sites.items())))
+    for name, info in sites.items():
+        if info["params_hash"] != common:
+            refused[name] = (f"its pyradiomics settings (params hash {info['params_hash'][:12] or 'none'}) differ "
+                             f"from the other sites' ({common[:12]}); re-run `fedrad prepare` with the study's "
+                             "params YAML")
+    return common
+
+
+def _fingerprint(accepted: dict[str, dict], features: list[str]) -> str:
+    data = {name: [i["cases"], i["events"], i["params_hash"], i["store_sha256"]] for name, i in accepted.items()}
+    return hashlib.sha256(json.dumps([data, features], sort_keys=True).encode()).hexdigest()
+
+
+def _listing(refused: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {reason}" for name, reason in refused.items()) or "none"

@@ -1,0 +1,189 @@
+"""Coordinator and federation commands of `fedrad` (registered on the one `fedrad` app)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import FedradError
+
+console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
+
+
+def table_of(frame: pd.DataFrame, title: str) -> Table:
+    table = Table(*[str(c) for c in frame.columns], title=title)
+    for row in frame.itertuples(index=False):
+        table.add_row(*("" if v is None or (isinstance(v, float) and v != v) else str(v) for v in row))
+    return table
+
+
+def parse_sites(specs: list[str]) -> dict[str, Path]:
+    sites = {}
+    for spec in specs:
+        name, sep, store = spec.partition("=")
+        if not sep or not name or not store:
+            raise typer.BadParameter(f"'{spec}': give each site as NAME=STORE, e.g. --site siteA=stores/siteA")
+        if name in sites:
+            raise typer.BadParameter(f"site '{name}' is given twice")
+        sites[name] = Path(store)
+    return sites
+
+
+def local(
+    site: list[str] = typer.Option(..., "--site", help="NAME=STORE, once per site."),
+    study: Path = typer.Option(..., "--study", help="study.toml"),
+    out: Path = typer.Option(..., "--out", help="Run directory (results.json, runlog.sqlite, reference/)."),
+):
+    """Run a study on a local federation: a real SuperLink and one SuperNode per site, on loopback."""
+    from server.local import LocalFederation
+
+    sites = parse_sites(site)
+    try:
+        with LocalFederation(out, sites, echo=lambda line: console.print(line, markup=False, highlight=False)) as fed:
+            results = fed.run_study(study, out)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted: every Flower process started for this run has been stopped")
+        raise typer.Exit(130)
+    except FedradError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    print_results(results, out)
+    raise typer.Exit(0 if results["status"] == "completed" else 1)
+
+
+def print_results(results: dict, run_dir: Path) -> None:
+    stages = pd.DataFrame([{"stage": k, **v} for k, v in results.get("stages", {}).items()])
+    if len(stages):
+        console.print(table_of(stages, f"study '{results.get('study', '?')}': {results['status']}"))
+    census = results.get("census")
+    if census:
+        rows = [{"site": name, "cases": i["cases"], "events": i["events"], "quarantined": i["quarantined"],
+                 "features": i["features_selected"],
+                 "batches": " ".join(f"{k}:{v}" for k, v in i["batch_counts"].items()),
+                 "problems": "; ".join(i["problems"])} for name, i in census["sites"].items()]
+        rows += [{"site": name, "problems": f"refused: {reason}"} for name, reason in census["refused"].items()]
+        console.print(table_of(pd.DataFrame(rows), "census"))
+    harmonise = results.get("harmonise")
+    if harmonise:
+        traffic = harmonise["traffic"]
+        rows = [{"site": s, "bytes to site": traffic["bytes_to_site"].get(s, 0),
+                 "bytes from site": traffic["bytes_from_site"].get(s, 0),
+                 "status": "harmonised" if s in harmonise["sites"] else f"left out: {harmonise['left_out'].get(s)}"}
+                for s in sorted(set(traffic["bytes_to_site"]) | set(harmonise["left_out"]))]
+        console.print(table_of(pd.DataFrame(rows), f"harmonise: ComBat by '{harmonise['batch']}' over "
+                                                    f"{len(harmonise['batches'])} batch level(s), "
+                                                    f"{harmonise['n_features']} features, "
+                                                    f"{traffic['rounds']} round trip(s), {traffic['seconds']} s"))
+    if results.get("error"):
+        console.print(f"[red]study failed:[/] {results['error']}")
+    console.print(f"results: {Path(run_dir) / 'results.json'}; run log: `fedrad status {run_dir}`")
+
+
+def status(run_dir: Path = typer.Argument(..., help="A run directory (holds runlog.sqlite).")):
+    """Print a run directory's log: runs, stages, rounds, and each site's exchanges."""
+    from server.runlog import read_runlog
+
+    try:
+        log = read_runlog(run_dir)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    when = lambda s: pd.to_datetime(s, unit="s").dt.strftime("%H:%M:%S")  # noqa: E731
+    runs = log["runs"].assign(started=lambda d: when(d.started), ended=lambda d: when(d.ended))
+    console.print(table_of(runs, "runs"))
+    stages = log["stages"].assign(seconds=lambda d: (d.ended - d.started).round(1), started=lambda d: when(d.started))
+    console.print(table_of(stages.drop(columns=["ended"]), "stages"))
+    rounds = log["rounds"].assign(seconds=lambda d: (d.ended - d.started).round(1), started=lambda d: when(d.started))
+    console.print(table_of(rounds.drop(columns=["ended"]), "rounds"))
+    ex = log["exchanges"]
+    per_site = ex.groupby(["run_id", "site"], as_index=False).agg(
+        messages=("round", "size"), failed=("status", lambda s: int((s != "answered").sum())),
+        bytes_out=("bytes_out", "sum"), bytes_in=("bytes_in", "sum"))
+    console.print(table_of(per_site, "per site (bytes out = coordinator to site)"))
+    failures = ex[ex.status != "answered"][["run_id", "stage", "round", "site", "reason"]]
+    if len(failures):
+        console.print(table_of(failures, "failures"))
+    if len(log["figures"]):
+        console.print(table_of(log["figures"], "figures"))
+
+
+def ledger(store: Path = typer.Argument(..., help="A site's feature store.")):
+    """Print a site's egress ledger: every message that left the site, with totals."""
+    from client.ledger import read_ledger
+
+    try:
+        entries = read_ledger(store)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    console.print(table_of(entries, f"egress ledger of {store}"))
+    totals = entries.groupby(["run", "stage", "status"], as_index=False).agg(messages=("bytes", "size"),
+                                                                           bytes=("bytes", "sum"))
+    console.print(table_of(totals, "totals"))
+    console.print(f"{len(entries)} message(s), {int(entries['bytes'].sum()) if len(entries) else 0} bytes in all")
+
+
+site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs to take part in a consortium.")
+coordinator_app = typer.Typer(no_args_is_help=True, help="Commands the coordinator runs.")
+
+
+@site_app.command("join")
+def site_join(
+    store: Path = typer.Option(..., "--store", help="This site's feature store (from `fedrad prepare`)."),
+    superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, host:port."),
+    name: str = typer.Option(..., "--name", help="This site's name in the consortium."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate (TLS)."),
+    auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="Node private key (SuperNode authentication)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS (loopback rehearsals only)."),
+    port: int = typer.Option(9094, "--port", help="Local port of the SuperNode's own API."),
+    min_count: Optional[int] = typer.Option(None, "--min-count", help="This site's minimum, if above the study's."),
+):
+    """Join a consortium: run flower-supernode with this site's store (replaces this process)."""
+    from client.store import open_store
+    from server.local import flower_bin, flower_env
+
+    open_store(store)  # refuse a missing or broken store before connecting
+    if not insecure and root_certificates is None:
+        raise typer.BadParameter("give --root-certificates (TLS), or --insecure for a loopback rehearsal")
+    node_config = f'store="{Path(store).absolute()}" site-name="{name}"'
+    if min_count:
+        node_config += f" min-count={min_count}"
+    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config",
+               node_config]
+    command += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
+    if auth_key:
+        command += ["--auth-supernode-private-key", str(auth_key)]
+    console.print("starting: " + " ".join(command), markup=False)
+    home = Path(store).absolute() / ".flwr"
+    os.execvpe(command[0], command, flower_env(home))
+
+
+@coordinator_app.command("run")
+def coordinator_run(
+    study: Path = typer.Option(..., "--study"),
+    superlink: str = typer.Option(..., "--superlink", help="SuperLink address host:port."),
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    sites: int = typer.Option(0, "--sites", help="Sites to wait for (default: the study's)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates"),
+    insecure: bool = typer.Option(False, "--insecure"),
+):
+    """Submit a study to a running SuperLink and follow it (`flwr run --stream`)."""
+    from server.local import prepare_run_dir, submit, write_connection
+
+    if not insecure and root_certificates is None:
+        raise typer.BadParameter("give --root-certificates (TLS), or --insecure for a loopback rehearsal")
+    out = out.absolute()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    run_config = prepare_run_dir(out, study, expected_sites=sites)
+    home = out / "flwr" / "cli"
+    write_connection(home, superlink, insecure=insecure, root_certificates=root_certificates)
+    results = submit(out, run_config, home, lambda line: console.print(line, markup=False, highlight=False))
+    print_results(results, out)
+    raise typer.Exit(0 if results["status"] == "completed" else 1)

@@ -1,0 +1,136 @@
+"""The coordinator's side of a round trip: send one message type to sites, collect every answer.
+
+Flower's ``send_and_receive`` gives replies without saying which site failed; here every
+message is pushed, its id kept, and each reply or error mapped back to the site through
+``reply_to_message_id`` (a dead node's error comes from the SuperLink, node id 1, so the
+sender is useless). A site that is offline, errors, refuses or stays silent past the
+timeout is a named failure; the caller decides whether enough sites answered.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.errors import FedradError
+from common.messages import payload_bytes
+from server.runlog import RunLog
+
+#: seconds between pulls for replies (Flower's own loop sleeps 3 s).
+PULL_INTERVAL_S = 0.5
+
+
+class StageFailed(FedradError):
+    """A stage could not finish (too few sites answered, or the data cannot support it)."""
+
+
+@dataclass
+class RoundOutcome:
+    replies: dict[str, RecordDict]
+    failures: dict[str, str]
+    seconds: float
+
+
+@dataclass
+class StageTraffic:
+    """Round trips and bytes of one stage, per site (what results.json reports)."""
+
+    rounds: int = 0
+    seconds: float = 0.0
+    bytes_out: dict[str, int] = field(default_factory=dict)
+    bytes_in: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"rounds": self.rounds, "seconds": round(self.seconds, 2),
+                "bytes_to_site": dict(self.bytes_out), "bytes_from_site": dict(self.bytes_in)}
+
+
+class Federation:
+    """The grid, the run log, and which node is which site (filled in by the census)."""
+
+    def __init__(self, grid: Grid, runlog: RunLog, timeout_s: float):
+        self.grid = grid
+        self.runlog = runlog
+        self.timeout_s = timeout_s
+        self.sites: dict[str, int] = {}
+
+    def online(self) -> set[int]:
+        return set(self.grid.get_node_ids())
+
+    def wait_for_nodes(self, expected: int, wait_s: float) -> set[int]:
+        """Wait until ``expected`` nodes are online or ``wait_s`` passes; return who is there."""
+        deadline = time.monotonic() + wait_s
+        nodes = self.online()
+        while len(nodes) < expected and time.monotonic() < deadline:
+            log(INFO, "waiting for sites: %d of %d connected", len(nodes), expected)
+            time.sleep(2)
+            nodes = self.online()
+        return nodes
+
+    def ask(self, stage: str, round_no: int, message_type: str, requests: dict[str, RecordDict],
+            targets: dict[str, int], traffic: StageTraffic | None = None) -> RoundOutcome:
+        """Send ``requests[label]`` to node ``targets[label]``; wait for all answers (or the timeout)."""
+        started = time.time()
+        online = self.online()
+        failures: dict[str, str] = {}
+        messages, labels = [], []
+        for label, content in requests.items():
+            if targets[label] not in online:
+                failures[label] = "offline: its SuperNode is not connected to the SuperLink"
+                continue
+            messages.append(Message(content, dst_node_id=targets[label], message_type=message_type,
+                                    group_id=f"{stage}-{round_no}"))
+            labels.append(label)
+        sizes = {label: len(payload_bytes(requests[label])) for label in labels}
+        ids = list(self.grid.push_messages(messages)) if messages else []
+        pending = {mid: label for mid, label in zip(ids, labels) if mid}
+        for label in set(labels) - set(pending.values()):
+            failures[label] = "the SuperLink did not accept the message"
+        replies: dict[str, RecordDict] = {}
+        received: dict[str, tuple[int, float]] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                label = pending.pop(reply.metadata.reply_to_message_id, None)
+                if label is None:
+                    continue
+                if reply.has_error():
+                    failures[label] = _reason(reply)
+                    received[label] = (len(reply.error.reason.encode()), time.time() - started)
+                else:
+                    replies[label] = reply.content
+                    received[label] = (len(payload_bytes(reply.content)), time.time() - started)
+            if pending:
+                time.sleep(PULL_INTERVAL_S)
+        for label in pending.values():
+            failures[label] = f"no reply within {self.timeout_s:.0f} s"
+        seconds = time.time() - started
+        for label in requests:
+            status = "answered" if label in replies else "failed"
+            nbytes_in, took = received.get(label, (0, seconds))
+            self.runlog.exchange(stage, round_no, label, targets[label], status, failures.get(label, ""),
+                                 sizes.get(label, 0), nbytes_in, took)
+            if traffic is not None:
+                traffic.bytes_out[label] = traffic.bytes_out.get(label, 0) + sizes.get(label, 0)
+                traffic.bytes_in[label] = traffic.bytes_in.get(label, 0) + nbytes_in
+        if traffic is not None:
+            traffic.rounds += 1
+            traffic.seconds += seconds
+        self.runlog.round(stage, round_no, message_type, started, len(requests), len(replies))
+        log(INFO, "%s round %d (%s): %d/%d sites answered in %.1f s", stage, round_no, message_type,
+            len(replies), len(requests), seconds)
+        for label, reason in failures.items():
+            log(WARNING, "%s round %d: %s failed: %s", stage, round_no, label, reason)
+        return RoundOutcome(replies=replies, failures=failures, seconds=seconds)
+
+
+def _reason(reply: Message) -> str:
+    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+        return f"its SuperNode stopped responding mid-round (Flower: {reply.error.reason})"
+    return reply.error.reason

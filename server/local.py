@@ -1,0 +1,241 @@
+"""`fedrad local`: a whole federation on one machine, with Flower's real processes.
+
+Starts one ``flower-superlink`` and one ``flower-supernode`` per site on loopback (free
+ports, a private FLWR_HOME each, runtime dependency installation off), submits the study
+with ``flwr run --stream``, and stops every process it started, by process group, also on
+failure or Ctrl-C. Consortia use it to rehearse a study; tests and `make demo` use it too.
+
+Run directory layout (``--out DIR``)::
+
+    study.toml  results.json  runlog.sqlite  reference/   (the study's, see server/study_app.py)
+    app/pyproject.toml                                     the Flower app (code: installed fedrad)
+    flwr/<process>/                                        FLWR_HOME of each process, SuperLink DB
+    logs/<process>.log                                     every process's output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+import common
+from common.errors import FedradError
+from common.study import load_study
+from server.study_app import RESULTS, STUDY
+
+APP_PYPROJECT = """\
+# Written by fedrad: the Flower app of a fedrad study. The code it names comes from the
+# fedrad installed at the coordinator and at every site, so a FAB carries no code.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedrad-study"
+version = "{version}"
+description = "fedrad study: ServerApp server.study_app, ClientApp client.site_app (fedrad {version})"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedrad"
+
+[tool.flwr.app.components]
+serverapp = "server.study_app:app"
+clientapp = "client.site_app:app"
+
+[tool.flwr.app.config]
+run-dir = ""
+expected-sites = 0
+"""
+
+CONNECTION = "fedrad"
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment of a Flower process: its own FLWR_HOME, and this venv first on PATH (the
+    SuperLink and SuperNodes start `flower-superexec` and the app processes by name)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home), "PATH": path}
+
+
+class FederationError(FedradError):
+    """A Flower process could not be started or the run could not be submitted."""
+
+
+def flower_bin(name: str) -> str:
+    """A Flower command from the same environment as this Python (the venv's, not PATH's)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_app(folder: Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    version = common.__version__ if common.__version__[0].isdigit() else "0.0.0"
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(version=version))
+    return folder
+
+
+def write_connection(home: Path, address: str, *, insecure: bool = True, root_certificates: Path | None = None) -> None:
+    """$FLWR_HOME/config.toml with one connection, the way `flwr run` reads it in 1.41."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(address)}"]
+    lines.append("insecure = true" if insecure else f"root-certificates = {json.dumps(str(root_certificates))}")
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def prepare_run_dir(run_dir: Path, study_path: Path, expected_sites: int) -> Path:
+    """Copy the study in (checked first), write the app and its run config; return the run-config file."""
+    load_study(study_path)  # refuse a bad study before any process starts
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if Path(study_path).absolute() != run_dir / STUDY:
+        shutil.copyfile(study_path, run_dir / STUDY)
+    write_app(run_dir / "app")
+    run_config = run_dir / "app" / "run-config.toml"
+    run_config.write_text(f"run-dir = {json.dumps(str(run_dir))}\nexpected-sites = {int(expected_sites)}\n")
+    return run_config
+
+
+def submit(run_dir: Path, run_config: Path, cli_home: Path, echo) -> dict:
+    """``flwr run --stream``; echo the ServerApp's log lines; return results.json."""
+    run_dir = Path(run_dir).absolute()
+    results_path = run_dir / RESULTS
+    if results_path.exists():
+        results_path.unlink()
+    command = [flower_bin("flwr"), "run", str(run_dir / "app"), CONNECTION, "--stream", "--run-config", str(run_config)]
+    env = flower_env(cli_home)
+    with open(run_dir / "logs" / "flwr-run.log", "a") as log_file, \
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True) as proc:
+        try:
+            for line in proc.stdout:
+                log_file.write(line)
+                echo(line.rstrip("\n"))
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGTERM)
+            raise
+    if not results_path.is_file():
+        raise FederationError(f"the study run ended without {RESULTS} (flwr run exit {proc.returncode}); "
+                              f"see {run_dir / 'logs'}")
+    return json.loads(results_path.read_text())
+
+
+class LocalFederation:
+    """SuperLink + one SuperNode per site on loopback; a context manager that always cleans up."""
+
+    def __init__(self, workdir: Path, sites: dict[str, Path], *, echo=print, min_count: int | None = None):
+        self.workdir = Path(workdir).absolute()
+        self.sites = {name: Path(store).absolute() for name, store in sites.items()}
+        self.echo = echo
+        self.min_count = min_count
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.port = 0
+
+    def __enter__(self) -> "LocalFederation":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        for name, store in self.sites.items():
+            if not (store / "store.json").is_file():
+                raise FederationError(f"site '{name}': '{store}' is not a feature store (run `fedrad prepare`)")
+        flwr_dir = self.workdir / "flwr"
+        shutil.rmtree(flwr_dir, ignore_errors=True)  # a fresh SuperLink state per federation
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self._spawn("superlink", [flower_bin("flower-superlink"), "--insecure", "--port", str(self.port),
+                                  "--database", str(flwr_dir / "superlink.db"),
+                                  "--disable-runtime-dependency-installation"])
+        self._wait_healthy()
+        for name, store in self.sites.items():
+            node_config = f"store={json.dumps(str(store))} site-name={json.dumps(name)}"
+            if self.min_count:
+                node_config += f" min-count={int(self.min_count)}"
+            self._spawn(f"site-{name}", [flower_bin("flower-supernode"), "--insecure", "--superlink",
+                                         f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                                         "--node-config", node_config])
+        self.echo(f"federation up: SuperLink 127.0.0.1:{self.port}, {len(self.sites)} SuperNode(s) "
+                  f"({', '.join(self.sites)}); logs in {self.workdir / 'logs'}")
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        home = self.workdir / "flwr" / name
+        home.mkdir(parents=True, exist_ok=True)
+        env = flower_env(home)
+        log_file = open(self.workdir / "logs" / f"{name}.log", "w")
+        self.processes[name] = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        log_file.close()
+
+    def _wait_healthy(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.processes["superlink"].poll() is not None:
+                raise FederationError("flower-superlink exited at start:\n" + self.log_tail("superlink"))
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise FederationError(f"flower-superlink did not answer on port {self.port} within {timeout_s:.0f} s:\n"
+                              + self.log_tail("superlink"))
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.workdir / "logs" / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def run_study(self, study_path: Path, run_dir: Path | None = None) -> dict:
+        run_dir = Path(run_dir or self.workdir).absolute()
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        run_config = prepare_run_dir(run_dir, study_path, expected_sites=len(self.sites))
+        cli_home = self.workdir / "flwr" / "cli"
+        write_connection(cli_home, f"127.0.0.1:{self.port}")
+        return submit(run_dir, run_config, cli_home, self.echo)
+
+    def stop_site(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop one site's SuperNode (a site going down mid-study)."""
+        self._signal(self.processes[f"site-{name}"], sig)
+
+    def close(self) -> None:
+        for proc in self.processes.values():
+            self._signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)  # the process and its flower-superexec / app children
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,114 @@
+"""The Flower ServerApp: one study = one Flower run, its stages in order.
+
+Run config (written by `fedrad local` / `fedrad coordinator run`): ``run-dir`` (holds
+``study.toml``; receives ``results.json``, ``runlog.sqlite``, ``reference/``) and
+``expected-sites`` (sites to wait for; 0 = the study's setting).
+
+Resume: every finished stage is stored in the run log with the key of its inputs (study
+sections + census fingerprint). Re-running the same study in the same run directory
+re-does the census (the roll call) and skips every stage whose key is unchanged and whose
+outputs the sites still hold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from logging import ERROR, INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.errors import FedradError
+from common.study import Study, load_study
+from server.census import run_census
+from server.federation import Federation, StageFailed
+from server.harmonise import run_harmonise
+from server.runlog import RunLog
+
+RESULTS = "results.json"
+STUDY = "study.toml"
+REFERENCE_DIR = "reference"
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_dir = Path(str(context.run_config["run-dir"]))
+    results = {"run_id": int(context.run_id), "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "stages": {}}
+    runlog = RunLog(run_dir / "runlog.sqlite", run_id=context.run_id)
+    try:
+        study = load_study(run_dir / STUDY)
+        results["study"] = study.study.name
+        runlog.start_run(study.study.name)
+        fed = Federation(grid, runlog, timeout_s=study.federation.round_timeout_s)
+        expected = int(context.run_config.get("expected-sites", 0)) or study.federation.expected_sites \
+            or study.federation.min_sites
+        nodes = fed.wait_for_nodes(expected, study.federation.wait_for_sites_s)
+        log(INFO, "%d site(s) connected (expected %d)", len(nodes), expected)
+        run_study(fed, study, run_dir, results)
+        results["status"] = "completed"
+        runlog.end_run("completed")
+    except (FedradError, StageFailed) as exc:
+        results.update(status="failed", error=str(exc))
+        runlog.end_run("failed", str(exc))
+        log(ERROR, "study failed: %s", exc)
+    except Exception as exc:  # a bug: record it, then let Flower mark the run failed
+        results.update(status="failed", error=f"internal error: {exc!r}", traceback=traceback.format_exc())
+        runlog.end_run("failed", repr(exc))
+        raise
+    finally:
+        results["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        (run_dir / RESULTS).write_text(json.dumps(results, indent=2, default=str))
+        runlog.close()
+
+
+def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> None:
+    runlog = fed.runlog
+    census = _stage(runlog, results, "census", lambda: run_census(fed, study))
+    results["census"] = census
+    if "harmonise" in study.study.stages:
+        key = study.section_hash("features", "harmonise", "privacy") + census["fingerprint"]
+        previous = runlog.load_result("harmonise")
+        if previous and previous[0] == key and _sites_hold(census, previous[2]["reference"]):
+            results["harmonise"] = previous[2]
+            results["stages"]["harmonise"] = {"status": f"skipped: finished in run {previous[1]}, inputs unchanged",
+                                              "rounds": 0, "seconds": 0.0}
+            runlog.start_stage("harmonise")
+            runlog.end_stage("harmonise", "skipped", 0, f"reused run {previous[1]}")
+            log(INFO, "harmonise: skipped (finished in run %s with the same inputs)", previous[1])
+        else:
+            harmonise = _stage(runlog, results, "harmonise",
+                               lambda: run_harmonise(fed, study, census, run_dir / REFERENCE_DIR))
+            results["harmonise"] = harmonise
+            runlog.save_result("harmonise", key, harmonise)
+            for level, iterations in harmonise["eb_iterations"].items():
+                runlog.figure("harmonise", f"EB iterations, batch '{level}'", iterations)
+
+
+def _stage(runlog: RunLog, results: dict, name: str, body) -> dict:
+    started = time.time()
+    runlog.start_stage(name)
+    try:
+        output = body()
+    except Exception as exc:
+        runlog.end_stage(name, "failed", 0, str(exc))
+        results["stages"][name] = {"status": "failed", "error": str(exc), "seconds": round(time.time() - started, 2)}
+        raise
+    rounds = output.get("traffic", {}).get("rounds", 0)
+    seconds = round(time.time() - started, 2)
+    results["stages"][name] = {"status": "done", "rounds": rounds, "seconds": seconds}
+    runlog.end_stage(name, "done", rounds)
+    runlog.figure(name, "seconds", seconds)
+    log(INFO, "%s: done in %d round trip(s), %.1f s", name, rounds, seconds)
+    return output
+
+
+def _sites_hold(census: dict, reference: str) -> bool:
+    """Every site still has the harmonised data of ``reference`` (a site may have re-prepared)."""
+    return all(info.get("harmonised_reference") == reference for info in census["sites"].values())

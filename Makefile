@@ -21,11 +21,13 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/fedrad demo --out $(DEMO)
 
+# loadfile: a test file's federation (SuperLink + SuperNodes) serves all its tests on one worker.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/extraction.py
+	$(BIN)/python bench/federation.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

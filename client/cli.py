@@ -12,7 +12,7 @@ from rich.table import Table
 
 from common.errors import FedradError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated radiomics: build and validate prognosis models across hospitals.")
 # Logs (CI, `make demo > log`) are not terminals; give tables room rather than rich's 80 columns.
 console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 140)

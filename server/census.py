@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from logging import INFO, WARNING
 
@@ -37,7 +38,7 @@ def run_census(fed: Federation, study: Study) -> dict:
         for counter in (traffic.bytes_out, traffic.bytes_in):
             counter[info["name"]] = counter.pop(label)
     for label, reason in outcome.failures.items():
-        refused[label] = reason
+        refused[_site_named_in(reason) or label] = reason
     params_hash = _refuse_odd_settings(sites, refused)
     for name in refused:
         fed.sites.pop(name, None)
@@ -71,6 +72,12 @@ def run_census(fed: Federation, study: Study) -> dict:
     for name, reason in refused.items():
         log(WARNING, "census: %s refused: %s", name, reason)
     return result
+
+
+def _site_named_in(reason: str) -> str | None:
+    """A site's own refusal starts with its name ("siteB: ..."); Flower's errors do not."""
+    match = re.match(r"^([\w.-]+): ", reason)
+    return match.group(1) if match else None
 
 
 def _site_info(content) -> dict:

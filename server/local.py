@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -59,6 +60,7 @@ expected-sites = 0
 """
 
 CONNECTION = "fedrad"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -128,7 +130,9 @@ def submit(run_dir: Path, run_config: Path, cli_home: Path, echo) -> dict:
         try:
             for line in proc.stdout:
                 log_file.write(line)
-                echo(line.rstrip("\n"))
+                line = ANSI.sub("", line).rstrip()
+                if line and not line.endswith(":"):  # Flower ends its stream with an empty "INFO :" line
+                    echo(line)
         except BaseException:
             os.killpg(proc.pid, signal.SIGTERM)
             raise

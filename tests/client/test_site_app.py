@@ -1,0 +1,105 @@
+"""The site's ClientApp called directly (no server): guard, ledger and refusals.
+
+Flower needs a task identity to build Messages outside a run (see notes/flower-1.41.md §1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.ledger import read_ledger
+from client.privacy import Disclosure, PrivacyRefusal, check_reply, scrub
+from client.site_app import PRIVACY_REFUSED, SITE_FAILED, answer, app
+from common.messages import CENSUS, request
+from common.study import parse_study
+from tests.federation.cohort import hospital_rows, write_stores
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    table = hospital_rows()
+    return write_stores(tmp_path_factory.mktemp("stores"), table[table["site"] == "siteB"])["siteB"]
+
+
+def _context(store, **extra):
+    return Context(run_id=7, node_id=3, node_config={"store": str(store), "site-name": "siteB", **extra},
+                   state=RecordDict(), run_config={})
+
+
+def _census_message(**study):
+    plan = {"study": parse_study(study).model_dump(mode="json")}
+    return Message(request(plan), dst_node_id=3, message_type=CENSUS)
+
+
+def test_census_reply_holds_counts_only_and_is_ledgered(store):
+    before = len(read_ledger(store))
+    reply = app(_census_message(harmonise={"batch": "scanner"}), _context(store))
+    assert not reply.has_error()
+    assert reply.content["counts"]["cases"] == 24
+    assert list(reply.content["site"]["batch_levels"]) == ["Philips"]
+    assert list(reply.content["counts"]["batch_counts"]) == [24]
+    assert not reply.content.array_records  # no arrays at all in a census
+    ledger = read_ledger(store)
+    assert len(ledger) == before + 1 and ledger.iloc[-1]["message_type"] == CENSUS
+    assert ledger.iloc[-1]["status"] == "sent"
+
+
+def test_below_min_count_is_refused_scrubbed_and_ledgered(store):
+    reply = app(_census_message(privacy={"min_count": 30}), _context(store))
+    assert reply.has_error() and reply.error.code == PRIVACY_REFUSED
+    assert "24 case(s); min_count is 30" in reply.error.reason
+    assert read_ledger(store).iloc[-1]["status"] == "refused"
+
+
+def test_site_minimum_overrides_a_lower_study_minimum(store):
+    reply = app(_census_message(privacy={"min_count": 5}), _context(store, **{"min-count": 25}))
+    assert reply.has_error() and "min_count is 25" in reply.error.reason
+
+
+def test_per_patient_array_is_refused_before_it_leaves(store):
+    def leak(store_, plan, study, site, min_count):
+        y = store_.features.filter(like="__").to_numpy()
+        return (RecordDict({"arrays": ArrayRecord({"y": Array(y)})}),
+                Disclosure(n_cases=len(y), identifiers=frozenset(store_.features["patient_id"])))
+
+    reply = answer(_census_message(), _context(store), leak)
+    assert reply.has_error() and reply.error.code == PRIVACY_REFUSED
+    assert "per-patient array" in reply.error.reason and "(24, 12)" in reply.error.reason
+    last = read_ledger(store).iloc[-1]
+    assert last["status"] == "refused" and "per-patient" in last["reason"]
+
+
+def test_errors_never_carry_patient_ids(store):
+    def fails(store_, plan, study, site, min_count):
+        raise KeyError(f"no image for {store_.features['patient_id'].iloc[0]}")
+
+    reply = answer(_census_message(), _context(store), fails)
+    assert reply.has_error() and reply.error.code == SITE_FAILED
+    assert "siteB-" not in reply.error.reason and "<case>" in reply.error.reason
+    assert "siteB-" in (store / "site.log").read_text()  # the site's own log has the detail
+
+
+def test_guard_rules():
+    ids = frozenset({"P12", "P13"})
+    ok = RecordDict({"a": ArrayRecord({"s": Array(np.ones((3, 4)))}), "m": MetricRecord({"n": 6})})
+    check_reply(ok, Disclosure(n_cases=6, groups={"batch 'GE'": 6}, identifiers=ids), min_count=5)
+    with pytest.raises(PrivacyRefusal, match="batch 'X' has 2"):
+        check_reply(ok, Disclosure(n_cases=6, groups={"batch 'X'": 2}, identifiers=ids), min_count=5)
+    with pytest.raises(PrivacyRefusal, match="per-patient"):
+        check_reply(ok, Disclosure(n_cases=4, identifiers=ids), min_count=1)
+    with pytest.raises(PrivacyRefusal, match="one per case"):
+        check_reply(RecordDict({"m": MetricRecord({"ages": [50.0] * 6})}), Disclosure(n_cases=6), min_count=5)
+    with pytest.raises(PrivacyRefusal, match="patient identifier"):
+        check_reply(RecordDict({"c": ConfigRecord({"note": "worst case P12"})}),
+                    Disclosure(n_cases=6, identifiers=ids), min_count=5)
+    # an identifier inside a longer token (a hash) is not a match
+    check_reply(RecordDict({"c": ConfigRecord({"h": "aP12b"})}), Disclosure(n_cases=6, identifiers=ids), min_count=5)
+    assert scrub("P12 and P13, not aP12b", ids) == "<case> and <case>, not aP12b"

@@ -1,0 +1,47 @@
+"""study.toml validation: unknown keys and bad values are named; feature globs select columns."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.study import Features, StudyError, load_study, parse_study, select_features
+
+
+def test_defaults_are_a_site_batch_harmonisation():
+    study = parse_study({})
+    assert study.study.stages == ("census", "harmonise")
+    assert study.harmonise.batch == "site" and study.privacy.min_count == 5
+
+
+def test_unknown_key_and_bad_value_are_named(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text('[privacy]\nmin_cout = 3\n[harmonise]\nparametric = "maybe"\n[study]\nstages = ["harmonise"]\n')
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    text = str(info.value)
+    assert "privacy.min_cout: unknown key" in text
+    assert "harmonise.parametric" in text
+    assert "'census' must come first" in text
+
+
+def test_covariate_cannot_be_batch_or_both_kinds():
+    with pytest.raises(StudyError, match="both categorical and continuous"):
+        parse_study({"harmonise": {"categorical": ["age"], "continuous": ["age"]}})
+    with pytest.raises(StudyError, match="is the batch"):
+        parse_study({"harmonise": {"batch": "scanner", "categorical": ["scanner"]}})
+    with pytest.raises(StudyError, match="greater than or equal to 1"):
+        parse_study({"privacy": {"min_count": 0}})
+
+
+def test_missing_and_invalid_toml_files(tmp_path):
+    with pytest.raises(StudyError, match="does not exist"):
+        load_study(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[study\n")
+    with pytest.raises(StudyError, match="not valid TOML"):
+        load_study(tmp_path / "bad.toml")
+
+
+def test_feature_globs_keep_store_order():
+    columns = ["venous__original_shape_MeshVolume", "venous__original_firstorder_Mean", "arterial__original_glcm_Idm"]
+    chosen = select_features(columns, Features(include=("venous__*", "*glcm*"), exclude=("*_shape_*",)))
+    assert chosen == ["venous__original_firstorder_Mean", "arterial__original_glcm_Idm"]

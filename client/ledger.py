@@ -84,7 +84,7 @@ def read_ledger(store: Path) -> pd.DataFrame:
         except json.JSONDecodeError:
             raise ValueError(f"{path}: line {number} is not valid JSON (the ledger was edited or truncated)") from None
         arrays = [f"{i['name']}{tuple(i['shape'])}" for i in entry["items"] if i["kind"] == "array"]
-        rows.append({"time": entry["time"], "run": entry["run"], "stage": entry["stage"],
+        rows.append({"time": entry["time"][:19].replace("T", " "), "run": entry["run"], "stage": entry["stage"],
                      "message_type": entry["message_type"], "status": entry["status"],
                      "arrays": " ".join(arrays), "bytes": entry["bytes"], "sha256": entry["sha256"][:12],
                      "reason": entry.get("reason", "")})

@@ -33,6 +33,9 @@ def census_reply(store: FeatureStore, study: Study, site: str, min_count: int) -
         batch, batch_problem = batch_labels(table, study.harmonise.batch, site)
         if batch_problem:
             problems.append(batch_problem)
+            if study.harmonise.batch in table.columns:
+                empty = table.loc[table[study.harmonise.batch].isna(), schemas.ID].astype(str).tolist()
+                site_log(store.path, f"batch column '{study.harmonise.batch}' is empty for: {', '.join(empty)}")
         else:
             for level, size in sorted(batch.value_counts().items()):
                 (levels if size >= min_count else small).append(str(level))

@@ -86,15 +86,20 @@ def print_results(results: dict, run_dir: Path) -> None:
     console.print(f"results: {Path(run_dir) / 'results.json'}; run log: `fedrad status {run_dir}`")
 
 
+def _read_or_exit(read, path: Path):
+    """``read(path)``, or a one-line error and exit status 2 for a missing or damaged file."""
+    try:
+        return read(path)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+
+
 def status(run_dir: Path = typer.Argument(..., help="A run directory (holds runlog.sqlite).")):
     """Print a run directory's log: runs, stages, rounds, and each site's exchanges."""
     from server.runlog import read_runlog
 
-    try:
-        log = read_runlog(run_dir)
-    except FileNotFoundError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+    log = _read_or_exit(read_runlog, run_dir)
     when = lambda s: pd.to_datetime(s, unit="s").dt.strftime("%H:%M:%S")  # noqa: E731
     runs = log["runs"].assign(started=lambda d: when(d.started), ended=lambda d: when(d.ended))
     console.print(table_of(runs, "runs"))
@@ -118,11 +123,7 @@ def ledger(store: Path = typer.Argument(..., help="A site's feature store.")):
     """Print a site's egress ledger: every message that left the site, with totals."""
     from client.ledger import read_ledger
 
-    try:
-        entries = read_ledger(store)
-    except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+    entries = _read_or_exit(read_ledger, store)
     console.print(table_of(entries, f"egress ledger of {store}"))
     totals = entries.groupby(["run", "stage", "status"], as_index=False).agg(messages=("bytes", "size"),
                                                                            bytes=("bytes", "sum"))

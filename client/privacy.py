@@ -28,7 +28,15 @@ __all__ = ["Disclosure", "PrivacyRefusal", "check_reply", "scrub"]
 
 
 class PrivacyRefusal(FedradError):
-    """The reply would disclose more than the privacy rules allow; it is not sent."""
+    """The reply would disclose more than the privacy rules allow; it is not sent.
+
+    The message goes to the coordinator and so never states a count below the minimum;
+    ``detail`` (with the counts) goes to the site's own log only.
+    """
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,12 @@ def check_reply(content: RecordDict, disclosure: Disclosure, min_count: int) -> 
     """Raise PrivacyRefusal if ``content`` breaks a rule; return None if it may leave."""
     n = disclosure.n_cases
     if n < min_count:
-        raise PrivacyRefusal(f"the reply would be computed from {n} case(s); min_count is {min_count}")
+        raise PrivacyRefusal(f"the site has fewer cases than min_count={min_count}",
+                             detail=f"the reply would be computed from {n} case(s); min_count is {min_count}")
     small = {name: size for name, size in disclosure.groups.items() if 0 < size < min_count}
     if small:
-        detail = ", ".join(f"{name} has {size}" for name, size in small.items())
-        raise PrivacyRefusal(f"aggregate over fewer than min_count={min_count} cases: {detail}")
+        raise PrivacyRefusal(f"aggregate over fewer than min_count={min_count} cases: {', '.join(small)}",
+                             detail=", ".join(f"{name} has {size}" for name, size in small.items()))
     for record_name, record in content.array_records.items():
         for key, array in record.items():
             name = f"{record_name}.{key}"
@@ -67,9 +76,19 @@ def check_reply(content: RecordDict, disclosure: Disclosure, min_count: int) -> 
         for record_name, record in records.items():
             for key, value in record.items():
                 name = f"{record_name}.{key}"
-                if isinstance(value, list) and n > 1 and len(value) == n:
+                if _per_case_list(value, n):
                     raise PrivacyRefusal(f"{kind} '{name}' is a list of {n} values, one per case: per-patient data")
                 _check_text(name, value, disclosure.identifiers)
+
+
+def _per_case_list(value, n: int) -> bool:
+    """A list as long as the number of cases. Text lists count only if they repeat a value:
+    distinct names (features, levels) that happen to number n are not per-patient."""
+    if not isinstance(value, list) or n <= 1 or len(value) != n:
+        return False
+    if value and isinstance(value[0], (str, bytes)):
+        return len(set(value)) < len(value)
+    return True
 
 
 def _check_text(name: str, value, identifiers: frozenset[str]) -> None:
@@ -83,9 +102,10 @@ def _check_text(name: str, value, identifiers: frozenset[str]) -> None:
 
 @lru_cache(maxsize=8)
 def _pattern(identifiers: frozenset[str]) -> re.Pattern:
-    """Identifiers as whole tokens: id '12' must not match inside a hash such as 'a12b'."""
+    """Identifiers as whole tokens: id '12' must not match inside a hash ('a12b'), a version ('0.12.0')
+    or a label ('12-bit', '1.5T'); a sentence's full stop after an id still matches ('case 12.')."""
     alternatives = "|".join(re.escape(pid) for pid in sorted(identifiers, key=len, reverse=True) if pid)
-    return re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
+    return re.compile(rf"(?<![A-Za-z0-9_.-])(?:{alternatives})(?![A-Za-z0-9_-])(?!\.[A-Za-z0-9])")
 
 
 def scrub(text: str, identifiers: frozenset[str]) -> str:

@@ -26,12 +26,8 @@ from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, 
 from client.store import open_store
 from common import schemas
 from common.errors import FedradError
-from common.messages import STAGE_OF, record_arrays, request_plan
+from common.messages import PRIVACY_REFUSED, SITE_FAILED, STAGE_OF, record_arrays, request_plan
 from common.study import parse_study
-
-#: error codes the coordinator reads: the site refused on privacy grounds / could not answer.
-PRIVACY_REFUSED = 901
-SITE_FAILED = 902
 
 app = ClientApp()
 
@@ -44,12 +40,19 @@ def site_settings(node_config) -> tuple[Path, str, int]:
 
 
 def answer(msg: Message, context: Context, build) -> Message:
-    """Run ``build(store, plan, study, site, min_count) -> (content, disclosure)``, guard, ledger, reply."""
-    store_path, site, site_min = site_settings(context.node_config)
+    """Run ``build(store, plan, study, site, min_count) -> (content, disclosure)``, guard, ledger, reply.
+
+    Everything that reads the request or the store happens inside the guarded block, so any
+    failure becomes a ledgered refusal. Only fedrad's own messages (which name fields and
+    settings, never values) go to the coordinator; any other exception's text could quote
+    data (numpy quotes the offending cell), so the coordinator gets its type only and the
+    site's log gets the rest.
+    """
     message_type = msg.metadata.message_type
     stage = STAGE_OF.get(message_type, message_type)
-    identifiers: frozenset[str] = frozenset()
+    store_path, site, identifiers = None, str(context.node_config.get("site-name", "site")), frozenset()
     try:
+        store_path, site, site_min = site_settings(context.node_config)
         plan = request_plan(msg.content)
         study = parse_study(plan["study"], source="the coordinator's study")
         min_count = max(study.privacy.min_count, site_min)
@@ -59,14 +62,24 @@ def answer(msg: Message, context: Context, build) -> Message:
         check_reply(content, disclosure, min_count)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a scrubbed, ledgered refusal
         privacy = isinstance(exc, PrivacyRefusal)
-        reason = scrub(f"{site}: {'privacy guard: ' if privacy else ''}{exc}", identifiers)
-        if store_path.is_dir():
-            site_log(store_path, f"{message_type} refused: {exc}\n"
+        if isinstance(exc, FedradError):
+            public = f"{'privacy guard: ' if privacy else ''}{exc}"
+        else:
+            public = f"{type(exc).__name__} while answering {message_type} (details in the site's site.log)"
+        reason = scrub(f"{site}: {public}", identifiers)
+        if store_path is not None and store_path.is_dir():
+            site_log(store_path, f"{message_type} refused: {getattr(exc, 'detail', exc)}\n"
                      + ("" if isinstance(exc, FedradError) else traceback.format_exc()))
             append_entry(store_path, run_id=context.run_id, stage=stage, message_type=message_type, refusal=reason)
         return Message(Error(code=PRIVACY_REFUSED if privacy else SITE_FAILED, reason=reason), reply_to=msg)
     append_entry(store_path, run_id=context.run_id, stage=stage, message_type=message_type, content=content)
     return Message(content, reply_to=msg)
+
+
+def _arrays(msg: Message) -> dict:
+    if "arrays" not in msg.content:
+        raise FedradError(f"the coordinator's {msg.metadata.message_type} request carries no arrays")
+    return record_arrays(msg.content["arrays"])
 
 
 @app.query("census")
@@ -82,20 +95,17 @@ def combat_moments(msg: Message, context: Context) -> Message:
 
 @app.query("combat_residuals")
 def combat_residuals(msg: Message, context: Context) -> Message:
-    arrays = record_arrays(msg.content["arrays"])
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  residuals_reply(store, plan, site, arrays))
+                  residuals_reply(store, plan, site, _arrays(msg)))
 
 
 @app.query("combat_adjust")
 def combat_adjust(msg: Message, context: Context) -> Message:
-    arrays = record_arrays(msg.content["arrays"])
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  adjust_reply(store, plan, site, arrays, context.run_id))
+                  adjust_reply(store, plan, site, _arrays(msg), context.run_id))
 
 
 @app.query("zscore_apply")
 def zscore_apply(msg: Message, context: Context) -> Message:
-    arrays = record_arrays(msg.content["arrays"])
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  zscore_reply(store, plan, arrays, context.run_id))
+                  zscore_reply(store, plan, _arrays(msg), context.run_id))

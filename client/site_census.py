@@ -16,6 +16,7 @@ from client.privacy import Disclosure
 from client.site_data import HARMONISED_META, batch_labels, site_log
 from client.store import FeatureStore
 from common import schemas
+from common.errors import StoreError
 from common.study import Study, select_features
 
 
@@ -25,7 +26,9 @@ def census_reply(store: FeatureStore, study: Study, site: str, min_count: int) -
     n = len(table)
     for role, column in (("outcome time", study.outcome.time), ("outcome event", study.outcome.event)):
         if column not in table.columns:
-            raise ValueError(f"the store has no column '{column}' ({role} in the study)")
+            raise StoreError(f"the store has no column '{column}' ({role} in the study)")
+        if table[column].dtype.kind not in "biuf":
+            raise StoreError(f"column '{column}' ({role} in the study) is not numeric at this site")
     features = select_features(store.feature_columns, study.features)
     problems = []
     levels, counts, small = [], [], []
@@ -42,6 +45,15 @@ def census_reply(store: FeatureStore, study: Study, site: str, min_count: int) -
                 if size >= min_count:
                     counts.append(int(size))
         problems += _covariate_problems(table, study, store.path)
+    category_levels = {}
+    for name in study.harmonise.categorical if "harmonise" in study.study.stages else ():
+        if name in table.columns:
+            sizes = table[name].dropna().astype(str).value_counts()
+            category_levels[name] = sorted(str(v) for v in sizes.index[sizes >= min_count])
+            if (sizes < min_count).any():  # level names withheld: a rare value can identify a patient
+                problems.append(f"covariate '{name}' has level(s) with fewer than min_count={min_count} cases "
+                                "here; merge rare levels or leave the covariate out")
+                site_log(store.path, f"covariate '{name}' small levels: {sizes[sizes < min_count].to_dict()}")
     site_record = ConfigRecord({
         "name": site,
         "fedrad_version": common.__version__,
@@ -53,9 +65,8 @@ def census_reply(store: FeatureStore, study: Study, site: str, min_count: int) -
         "harmonised_reference": _harmonised_reference(store.path),
         "store_sha256": str(store.meta.get("features_sha256", "")),
     })
-    for name in study.harmonise.categorical:
-        if name in table.columns:
-            site_record[f"levels:{name}"] = sorted(table[name].dropna().astype(str).unique().tolist())
+    for name, names in category_levels.items():
+        site_record[f"levels:{name}"] = names
     counts_record = MetricRecord({
         "cases": n,
         "events": int(table[study.outcome.event].sum()) if study.outcome.event in table.columns else 0,

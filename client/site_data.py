@@ -19,6 +19,7 @@ import pandas as pd
 
 from client.store import FEATURES, _atomic
 from common import schemas
+from common.errors import StoreError
 from common.combat import DesignSpec, design_matrix
 from common.study import SITE_BATCH
 
@@ -57,17 +58,17 @@ def harmonise_inputs(table: pd.DataFrame, plan: dict, site: str):
     features = plan["features"]
     absent = [c for c in features if c not in table.columns]
     if absent:
-        raise ValueError(f"the store lacks {len(absent)} feature column(s) the study uses, e.g. {absent[:3]}")
+        raise StoreError(f"the store lacks {len(absent)} feature column(s) the study uses, e.g. {absent[:3]}")
     study = plan["study"]["harmonise"]
     labels, problem = batch_labels(table, study["batch"], site)
     if problem:
-        raise ValueError(problem)
+        raise StoreError(problem)
     covariates = {name: table[name].to_numpy() for name in study["categorical"] + study["continuous"]}
     spec = design_spec(plan)
     X = design_matrix(labels.to_numpy(), covariates, spec)
     y = table[features].to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(y)):
-        raise ValueError("feature values include NaN/inf")
+        raise StoreError("feature values include NaN/inf")
     return table[schemas.ID].astype(str).to_numpy(), y, X, spec
 
 

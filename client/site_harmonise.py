@@ -15,15 +15,24 @@ from client.site_data import (HARMONISED, STANDARDISED, harmonise_inputs, read_h
                               write_feature_table, write_harmonised_meta)
 from client.store import FeatureStore
 from common import schemas
+from common.errors import StoreError
 from common.combat import CombatFit, estimates_from_arrays, site_combat_adjust, site_combat_moments, site_combat_residuals
 from common.messages import arrays_record
 from common.zscore import ZScale, site_zscore_apply, site_zscore_moments
 
 
 def _disclosure(ids, X, spec) -> Disclosure:
+    """Groups the sums are taken over: each batch level and each level of each categorical
+    covariate (a one-case level would make its row of Xᵀy that patient's features)."""
     counts = X[:, : spec.n_batch].sum(axis=0)
-    return Disclosure(n_cases=len(ids), identifiers=frozenset(ids),
-                      groups={f"batch '{lv}'": int(c) for lv, c in zip(spec.batch_levels, counts)})
+    groups = {f"batch '{lv}'": int(c) for lv, c in zip(spec.batch_levels, counts)}
+    column = spec.n_batch
+    for name, levels in spec.categorical.items():
+        dummies = X[:, column: column + len(levels) - 1]
+        groups[f"covariate '{name}' level '{levels[0]}'"] = int(len(X) - dummies.sum())
+        groups.update({f"covariate '{name}' level '{lv}'": int(c) for lv, c in zip(levels[1:], dummies.sum(axis=0))})
+        column += len(levels) - 1
+    return Disclosure(n_cases=len(ids), identifiers=frozenset(ids), groups=groups)
 
 
 def moments_reply(store: FeatureStore, plan: dict, site: str) -> tuple[RecordDict, Disclosure]:
@@ -59,7 +68,7 @@ def zscore_reply(store: FeatureStore, plan: dict, arrays: dict, run_id: int) -> 
     """z-score the harmonised rows with the pooled mean/SD; reply with an acknowledgement only."""
     meta = read_harmonised_meta(store.path)
     if meta.get("reference") != plan["combat_reference"]:
-        raise ValueError("this site's harmonised.parquet comes from another ComBat fit; rerun the harmonise stage")
+        raise StoreError("this site's harmonised.parquet comes from another ComBat fit; rerun the harmonise stage")
     table = pd.read_parquet(store.path / HARMONISED)
     features = plan["features"]
     scale = ZScale(mean=arrays["mean"], sd=arrays["sd"])

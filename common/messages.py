@@ -19,6 +19,11 @@ COMBAT_RESIDUALS = "query.combat_residuals"
 COMBAT_ADJUST = "query.combat_adjust"
 ZSCORE_APPLY = "query.zscore_apply"
 
+#: error codes of a site's own refusal (privacy guard) and failure (data or settings); any
+#: other code is Flower's (node unavailable, ClientApp crashed, ...).
+PRIVACY_REFUSED = 901
+SITE_FAILED = 902
+
 #: the stage each message type belongs to (the ledger names it).
 STAGE_OF = {CENSUS: "census", COMBAT_MOMENTS: "harmonise", COMBAT_RESIDUALS: "harmonise",
             COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise"}

@@ -38,7 +38,8 @@ def run_census(fed: Federation, study: Study) -> dict:
         for counter in (traffic.bytes_out, traffic.bytes_in):
             counter[info["name"]] = counter.pop(label)
     for label, reason in outcome.failures.items():
-        refused[_site_named_in(reason) or label] = reason
+        named = _site_named_in(reason) if label in outcome.refused_by_site else None
+        refused[named or label] = reason
     params_hash = _refuse_odd_settings(sites, refused)
     for name in refused:
         fed.sites.pop(name, None)

@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.errors import FedradError
-from common.messages import payload_bytes
+from common.messages import PRIVACY_REFUSED, SITE_FAILED, payload_bytes
 from server.runlog import RunLog
 
 #: seconds between pulls for replies (Flower's own loop sleeps 3 s).
@@ -35,6 +35,8 @@ class RoundOutcome:
     replies: dict[str, RecordDict]
     failures: dict[str, str]
     seconds: float
+    #: labels whose failure is the site's own refusal (its reason starts with the site's name)
+    refused_by_site: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Federation:
         for label in set(labels) - set(pending.values()):
             failures[label] = "the SuperLink did not accept the message"
         replies: dict[str, RecordDict] = {}
+        refused_by_site: set[str] = set()
         received: dict[str, tuple[int, float]] = {}
         deadline = time.monotonic() + self.timeout_s
         while pending and time.monotonic() < deadline:
@@ -102,6 +105,8 @@ class Federation:
                     continue
                 if reply.has_error():
                     failures[label] = _reason(reply)
+                    if reply.error.code in (PRIVACY_REFUSED, SITE_FAILED):
+                        refused_by_site.add(label)
                     received[label] = (len(reply.error.reason.encode()), time.time() - started)
                 else:
                     replies[label] = reply.content
@@ -127,7 +132,7 @@ class Federation:
             len(replies), len(requests), seconds)
         for label, reason in failures.items():
             log(WARNING, "%s round %d: %s failed: %s", stage, round_no, label, reason)
-        return RoundOutcome(replies=replies, failures=failures, seconds=seconds)
+        return RoundOutcome(replies=replies, failures=failures, seconds=seconds, refused_by_site=refused_by_site)
 
 
 def _reason(reply: Message) -> str:

@@ -190,10 +190,9 @@ class LocalFederation:
         home = self.workdir / "flwr" / name
         home.mkdir(parents=True, exist_ok=True)
         env = flower_env(home)
-        log_file = open(self.workdir / "logs" / f"{name}.log", "w")
-        self.processes[name] = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
-        log_file.close()
+        with open(self.workdir / "logs" / f"{name}.log", "w") as log_file:
+            self.processes[name] = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                                    start_new_session=True)
 
     def _wait_healthy(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -226,8 +225,13 @@ class LocalFederation:
         self._signal(self.processes[f"site-{name}"], sig)
 
     def close(self) -> None:
+        # Flower starts flower-superexec in a session of its own, so signalling our process groups
+        # misses it and the ServerApp it runs: collect every descendant first and stop those too.
+        stragglers = [pid for proc in self.processes.values() for pid in descendants(proc.pid)]
         for proc in self.processes.values():
             self._signal(proc, signal.SIGTERM)
+        for pid in stragglers:
+            _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for proc in self.processes.values():
             try:
@@ -235,6 +239,11 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 self._signal(proc, signal.SIGKILL)
                 proc.wait()
+        while stragglers and time.monotonic() < deadline:
+            stragglers = [pid for pid in stragglers if _alive(pid)]
+            time.sleep(0.1)
+        for pid in stragglers:
+            _kill(pid, signal.SIGKILL)
         self.processes.clear()
 
     @staticmethod
@@ -243,3 +252,39 @@ class LocalFederation:
             os.killpg(proc.pid, sig)  # the process and its flower-superexec / app children
         except ProcessLookupError:
             pass
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; elsewhere none are found)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -26,7 +26,7 @@ from common.errors import FedradError
 from common.study import Study, load_study
 from server.census import run_census
 from server.federation import Federation, StageFailed
-from server.harmonise import run_harmonise
+from server.harmonise import eligible_sites, run_harmonise
 from server.runlog import RunLog
 
 RESULTS = "results.json"
@@ -62,6 +62,10 @@ def main(grid: Grid, context: Context) -> None:
         results.update(status="failed", error=f"internal error: {exc!r}", traceback=traceback.format_exc())
         runlog.end_run("failed", repr(exc))
         raise
+    except BaseException as exc:  # stopped (Ctrl-C, `flwr stop`): say so rather than leave "running"
+        results.update(status="interrupted", error=f"the run was stopped ({type(exc).__name__})")
+        runlog.end_run("interrupted", type(exc).__name__)
+        raise
     finally:
         results["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         (run_dir / RESULTS).write_text(json.dumps(results, indent=2, default=str))
@@ -75,7 +79,7 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
     if "harmonise" in study.study.stages:
         key = study.section_hash("features", "harmonise", "privacy") + census["fingerprint"]
         previous = runlog.load_result("harmonise")
-        if previous and previous[0] == key and _sites_hold(census, previous[2]["reference"]):
+        if previous and _still_valid(previous, key, census, study):
             results["harmonise"] = previous[2]
             results["stages"]["harmonise"] = {"status": f"skipped: finished in run {previous[1]}, inputs unchanged",
                                               "rounds": 0, "seconds": 0.0}
@@ -109,6 +113,10 @@ def _stage(runlog: RunLog, results: dict, name: str, body) -> dict:
     return output
 
 
-def _sites_hold(census: dict, reference: str) -> bool:
-    """Every site still has the harmonised data of ``reference`` (a site may have re-prepared)."""
-    return all(info.get("harmonised_reference") == reference for info in census["sites"].values())
+def _still_valid(previous: tuple[str, str, dict], key: str, census: dict, study: Study) -> bool:
+    """A finished harmonise can be reused if its inputs are unchanged, the same sites are
+    eligible now, and each of them still holds its output (a site may have re-prepared)."""
+    input_key, _, result = previous
+    eligible, _ = eligible_sites(census, study)
+    return (input_key == key and sorted(eligible) == sorted(result["sites"])
+            and all(census["sites"][s].get("harmonised_reference") == result["reference"] for s in result["sites"]))

@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.ledger import read_ledger
 from client.privacy import Disclosure, PrivacyRefusal, check_reply, scrub
 from client.site_app import PRIVACY_REFUSED, SITE_FAILED, answer, app
+from common.errors import FedradError
 from common.messages import CENSUS, request
 from common.study import parse_study
 from tests.federation.cohort import hospital_rows, write_stores
@@ -27,6 +28,12 @@ def task_identity():
 def store(tmp_path_factory):
     table = hospital_rows()
     return write_stores(tmp_path_factory.mktemp("stores"), table[table["site"] == "siteB"])["siteB"]
+
+
+def read_store_column(store, column):
+    import pandas as pd
+
+    return pd.read_parquet(store / "features.parquet")[column]
 
 
 def _context(store, **extra):
@@ -55,13 +62,14 @@ def test_census_reply_holds_counts_only_and_is_ledgered(store):
 def test_below_min_count_is_refused_scrubbed_and_ledgered(store):
     reply = app(_census_message(privacy={"min_count": 30}), _context(store))
     assert reply.has_error() and reply.error.code == PRIVACY_REFUSED
-    assert "24 case(s); min_count is 30" in reply.error.reason
+    assert "fewer cases than min_count=30" in reply.error.reason and "24" not in reply.error.reason
     assert read_ledger(store).iloc[-1]["status"] == "refused"
+    assert "24 case(s); min_count is 30" in (store / "site.log").read_text()  # the count stays at the site
 
 
 def test_site_minimum_overrides_a_lower_study_minimum(store):
     reply = app(_census_message(privacy={"min_count": 5}), _context(store, **{"min-count": 25}))
-    assert reply.has_error() and "min_count is 25" in reply.error.reason
+    assert reply.has_error() and "min_count=25" in reply.error.reason
 
 
 def test_per_patient_array_is_refused_before_it_leaves(store):
@@ -77,9 +85,36 @@ def test_per_patient_array_is_refused_before_it_leaves(store):
     assert last["status"] == "refused" and "per-patient" in last["reason"]
 
 
+def test_rare_category_level_is_withheld_and_excludes_the_site(store):
+    reply = app(_census_message(harmonise={"categorical": ["sex"]}, privacy={"min_count": 12}), _context(store))
+    sexes = read_store_column(store, "sex").value_counts()
+    assert sexes.min() < 12 <= sexes.max()  # one level is rare at min_count 12
+    assert list(reply.content["site"]["levels:sex"]) == [sexes.idxmax()]
+    assert any("fewer than min_count=12" in p for p in reply.content["site"]["problems"])
+
+
+def test_exception_text_that_could_quote_data_stays_at_the_site(store):
+    reply = app(_census_message(outcome={"event": "sex"}), _context(store))
+    assert reply.has_error() and "not numeric" in reply.error.reason
+
+    def numpy_error(store_, plan, study, site, min_count):
+        return float(store_.features["sex"].str.cat()), None  # ValueError quoting every patient's sex
+
+    reply = answer(_census_message(), _context(store), numpy_error)
+    assert reply.error.reason == "siteB: ValueError while answering query.census (details in the site's site.log)"
+
+
+def test_malformed_request_is_refused_and_ledgered(store):
+    before = len(read_ledger(store))
+    reply = app(Message(request({"study": {}}), dst_node_id=3, message_type="query.combat_residuals"),
+                _context(store))
+    assert reply.has_error() and "carries no arrays" in reply.error.reason
+    assert len(read_ledger(store)) == before + 1
+
+
 def test_errors_never_carry_patient_ids(store):
     def fails(store_, plan, study, site, min_count):
-        raise KeyError(f"no image for {store_.features['patient_id'].iloc[0]}")
+        raise FedradError(f"no image for {store_.features['patient_id'].iloc[0]}")
 
     reply = answer(_census_message(), _context(store), fails)
     assert reply.has_error() and reply.error.code == SITE_FAILED
@@ -88,15 +123,19 @@ def test_errors_never_carry_patient_ids(store):
 
 
 def test_guard_rules():
-    ids = frozenset({"P12", "P13"})
-    ok = RecordDict({"a": ArrayRecord({"s": Array(np.ones((3, 4)))}), "m": MetricRecord({"n": 6})})
+    ids = frozenset({"P12", "P13", "1"})
+    ok = RecordDict({"a": ArrayRecord({"s": Array(np.ones((3, 4)))}), "m": MetricRecord({"n": 6}),
+                     "c": ConfigRecord({"version": "0.1.0", "features": [f"f{i}" for i in range(6)]})})
     check_reply(ok, Disclosure(n_cases=6, groups={"batch 'GE'": 6}, identifiers=ids), min_count=5)
-    with pytest.raises(PrivacyRefusal, match="batch 'X' has 2"):
+    with pytest.raises(PrivacyRefusal, match="fewer than min_count=5 cases: batch 'X'$"):
         check_reply(ok, Disclosure(n_cases=6, groups={"batch 'X'": 2}, identifiers=ids), min_count=5)
     with pytest.raises(PrivacyRefusal, match="per-patient"):
         check_reply(ok, Disclosure(n_cases=4, identifiers=ids), min_count=1)
     with pytest.raises(PrivacyRefusal, match="one per case"):
         check_reply(RecordDict({"m": MetricRecord({"ages": [50.0] * 6})}), Disclosure(n_cases=6), min_count=5)
+    with pytest.raises(PrivacyRefusal, match="one per case"):
+        check_reply(RecordDict({"c": ConfigRecord({"sex": ["F", "M", "M", "F", "F", "M"]})}), Disclosure(n_cases=6),
+                    min_count=5)
     with pytest.raises(PrivacyRefusal, match="patient identifier"):
         check_reply(RecordDict({"c": ConfigRecord({"note": "worst case P12"})}),
                     Disclosure(n_cases=6, identifiers=ids), min_count=5)

@@ -1,0 +1,166 @@
+"""Newton-Raphson on a log-likelihood that is a sum over sites, with step-halving.
+
+Every model fitted by Newton (Cox, logistic) sends the same summary from each site:
+log-likelihood, gradient and Hessian at the coordinator's current β (p + p² + 1 numbers
+plus counts). Sums of those equal the pooled ones, so the federated iterates equal the
+pooled iterates exactly.
+
+Stopping rules (named, as in lifelines' ``_newton_raphson_for_efron_model``): the
+Newton decrement ``δᵀ(-H)δ / 2`` below ``tol``, or the largest step ``|δ|`` below ``tol``.
+A step that lowers the (penalised) log-likelihood is halved, from the best point so far.
+Before the first step the Hessian is checked for aliased columns (a clear error names
+them) unless a ridge penalty makes the problem well posed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+from scipy import linalg, stats
+
+from common.errors import FedradError
+
+__all__ = ["NewtonSummary", "NewtonState", "RankDeficientError", "ConvergenceError", "ConvergenceWarning",
+           "combine_newton", "start_newton", "update_newton", "newton_fit", "aliased_columns", "wald_table"]
+
+
+class RankDeficientError(FedradError):
+    """Some columns are constant or linear combinations of others: the model is not identifiable."""
+
+
+class ConvergenceError(FedradError):
+    """Newton could not make progress (a non-finite step, or the step collapsed under halving)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """Newton stopped at ``max_iter`` before meeting its stopping rule."""
+
+
+@dataclass(frozen=True)
+class NewtonSummary:
+    """One site's (or the pooled) log-likelihood and derivatives at β.
+
+    loglik : float; grad : (p,); hess : (p, p) (negative semi-definite); n : cases; events : events.
+    """
+
+    loglik: float
+    grad: np.ndarray
+    hess: np.ndarray
+    n: int
+    events: int
+
+
+def combine_newton(parts: list[NewtonSummary]) -> NewtonSummary:
+    return NewtonSummary(loglik=float(sum(p.loglik for p in parts)), grad=sum(p.grad for p in parts),
+                         hess=sum(p.hess for p in parts), n=sum(p.n for p in parts),
+                         events=sum(p.events for p in parts))
+
+
+@dataclass(frozen=True)
+class NewtonState:
+    """Where the coordinator is: ``beta`` is the point the sites evaluate next.
+
+    best_beta, best : the best point evaluated so far and its (penalised) summary.
+    loglik_null : log-likelihood at β = 0 (the first evaluation).
+    history : one dict per evaluation (iteration, loglik, step, halvings, decrement).
+    """
+
+    beta: np.ndarray
+    best_beta: np.ndarray | None = None
+    best: NewtonSummary | None = None
+    iteration: int = 0
+    halvings: int = 0
+    converged: bool = False
+    loglik_null: float | None = None
+    history: tuple = field(default_factory=tuple)
+
+
+def start_newton(n_params: int, beta0: np.ndarray | None = None) -> NewtonState:
+    return NewtonState(beta=np.zeros(n_params) if beta0 is None else np.asarray(beta0, dtype=float).copy())
+
+
+def _penalised(total: NewtonSummary, beta: np.ndarray, ridge: float) -> NewtonSummary:
+    if not ridge:
+        return total
+    p = len(beta)
+    return replace(total, loglik=total.loglik - 0.5 * ridge * float(beta @ beta), grad=total.grad - ridge * beta,
+                   hess=total.hess - ridge * np.eye(p))
+
+
+def aliased_columns(information: np.ndarray, rtol: float = 1e-10) -> list[int]:
+    """Columns of a p x p information matrix (-H) that a pivoted QR finds dependent on the others."""
+    scale = np.sqrt(np.clip(np.diag(information), 0, None))
+    zero = scale == 0
+    safe = np.where(zero, 1.0, scale)
+    normalised = information / np.outer(safe, safe)
+    normalised[zero, :] = 0
+    normalised[:, zero] = 0
+    _, r, pivots = linalg.qr(normalised, pivoting=True)
+    diag = np.abs(np.diag(r))
+    rank = int(np.sum(diag > rtol * max(diag.max(initial=0.0), 1.0)))
+    return sorted(set(pivots[rank:].tolist()) | set(np.flatnonzero(zero).tolist()))
+
+
+def update_newton(state: NewtonState, total: NewtonSummary, *, ridge: float = 0.0, tol: float = 1e-10,
+                  max_halvings: int = 30, names: list[str] | None = None) -> NewtonState:
+    """Take the sites' summed summary at ``state.beta`` and return the next point to evaluate."""
+    beta = state.beta
+    pen = _penalised(total, beta, ridge)
+    if not np.isfinite(pen.loglik) or not np.all(np.isfinite(pen.grad)):
+        raise ConvergenceError(f"non-finite log-likelihood or gradient at Newton iteration {state.iteration}")
+    null = total.loglik if state.loglik_null is None else state.loglik_null
+    if state.best is not None and pen.loglik < state.best.loglik - 1e-12 * abs(state.best.loglik):
+        if state.halvings >= max_halvings:
+            raise ConvergenceError(f"step-halving collapsed after {max_halvings} halvings at iteration "
+                                   f"{state.iteration}; the likelihood may have no maximum (separation?)")
+        entry = {"iteration": state.iteration, "loglik": pen.loglik, "step": "halved", "decrement": np.nan}
+        return replace(state, beta=state.best_beta + 0.5 * (beta - state.best_beta), halvings=state.halvings + 1,
+                       loglik_null=null, history=state.history + (entry,))
+    information = -pen.hess
+    if state.best is None and not ridge:
+        aliased = aliased_columns(information)
+        if aliased:
+            label = [names[i] if names else f"column {i}" for i in aliased]
+            raise RankDeficientError(
+                f"{len(aliased)} column(s) are constant or linear combinations of the others: {', '.join(label)}; "
+                "drop them or set a ridge penalty")
+    try:
+        delta = linalg.solve(information, pen.grad, assume_a="sym")
+    except (linalg.LinAlgError, ValueError) as exc:
+        raise ConvergenceError(f"the Hessian is singular at iteration {state.iteration}: {exc}") from None
+    if not np.all(np.isfinite(delta)):
+        raise ConvergenceError(f"non-finite Newton step at iteration {state.iteration}")
+    decrement = 0.5 * float(pen.grad @ delta)
+    entry = {"iteration": state.iteration, "loglik": pen.loglik, "step": float(np.abs(delta).max()),
+             "decrement": decrement}
+    converged = decrement < tol or np.abs(delta).max() < tol
+    return NewtonState(beta=beta + delta, best_beta=beta, best=pen, iteration=state.iteration + 1, halvings=0,
+                       converged=converged, loglik_null=null, history=state.history + (entry,))
+
+
+def newton_fit(evaluate, n_params: int, *, ridge: float = 0.0, tol: float = 1e-10, max_iter: int = 100,
+               names: list[str] | None = None) -> NewtonState:
+    """Run Newton in one process: ``evaluate(beta) -> NewtonSummary`` (the sum over sites)."""
+    state = start_newton(n_params)
+    while not state.converged and state.iteration < max_iter:
+        state = update_newton(state, evaluate(state.beta), ridge=ridge, tol=tol, names=names)
+    if not state.converged:
+        warnings.warn(f"Newton did not converge in {max_iter} iterations", ConvergenceWarning, stacklevel=2)
+    return state
+
+
+def wald_table(beta: np.ndarray, hess: np.ndarray, names: list[str], *, exp_name: str = "HR",
+               alpha: float = 0.05) -> pd.DataFrame:
+    """Coefficients, standard errors, exp(coef) with CI, Wald z and p from the (pooled) Hessian."""
+    cov = linalg.inv(-hess)
+    se = np.sqrt(np.diag(cov))
+    z = beta / se
+    q = stats.norm.ppf(1 - alpha / 2)
+    pct = int(round(100 * (1 - alpha)))
+    return pd.DataFrame({
+        "coef": beta, "se": se, exp_name: np.exp(beta), f"{exp_name} lower {pct}%": np.exp(beta - q * se),
+        f"{exp_name} upper {pct}%": np.exp(beta + q * se), "z": z, "p": 2 * stats.norm.sf(np.abs(z)),
+    }, index=pd.Index(names, name="covariate"))

@@ -42,7 +42,7 @@ from common.newton import (ConvergenceWarning, NewtonSummary, combine_newton, st
 
 __all__ = ["RiskSetSums", "site_cox_event_times", "combine_cox_event_times", "site_cox_risk_sets",
            "combine_cox_risk_sets", "cox_newton_from_risk_sets", "site_cox_newton", "site_cox_baseline",
-           "FederatedCoxPH"]
+           "FederatedCoxPH", "FederatedCoxnetCV"]
 
 TIES = ("efron", "breslow")
 
@@ -251,5 +251,93 @@ class FederatedCoxPH:
 
     def score(self, X, y) -> float:
         """Harrell's C-index of the risk score."""
+        event, time = check_y_survival(y)
+        return concordance_index_censored(event, time, self.predict(X))[0]
+
+
+class FederatedCoxnetCV:
+    """Elastic-net Cox path with site-local K-fold cross-validation (see :mod:`common.penalised`).
+
+    Parameters
+    ----------
+    l1_ratio : float in (0, 1]; alphas : penalties (default: ``n_alphas`` from λ_max down to
+    ``alpha_min_ratio`` · λ_max); cv : folds (0: no cross-validation); rule : "min" or "1se";
+    ties, share_event_times : as :class:`FederatedCoxPH` (Coxnet's reference uses Breslow);
+    seed : fold assignment (each site's folds come from ``[seed, site number]``).
+
+    Attributes
+    ----------
+    alphas_ : (L,); coef_path_ : (L, p) on all data; coef_ : (p,) at the chosen λ; alpha_ ;
+    cv_deviance_ : (K, L) -2·CV partial log-likelihood per fold; cv_mean_, cv_se_ : (L,);
+    n_rounds_ : round trips a federation needs (all folds and λ share each round).
+    """
+
+    def __init__(self, *, l1_ratio: float = 1.0, alphas=None, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
+                 cv: int = 5, rule: str = "min", ties: str = "breslow", share_event_times: bool = False,
+                 seed: int = 0, tol: float = 1e-9):
+        self.l1_ratio = l1_ratio
+        self.alphas = alphas
+        self.n_alphas = n_alphas
+        self.alpha_min_ratio = alpha_min_ratio
+        self.cv = cv
+        self.rule = rule
+        self.ties = ties
+        self.share_event_times = share_event_times
+        self.seed = seed
+        self.tol = tol
+
+    def fit(self, X, y, *, site=None):
+        from common.penalised import Penalty, PathSummary, cv_choice, fold_ids, run_path
+
+        X, event, time, names, groups = FederatedCoxPH(ties=self.ties)._check(X, y, site)
+        self.feature_names_in_ = np.array(names, dtype=object)
+        folds = np.empty(len(X), dtype=int)
+        for number, rows in enumerate(groups.values()):
+            folds[rows] = fold_ids(len(rows), max(self.cv, 1), [self.seed, number], stratify=event[rows]) \
+                if self.cv else 0
+        n_folds = self.cv + 1  # CV folds, then all data
+        grid = combine_cox_event_times([site_cox_event_times(time[g], event[g]) for g in groups.values()])
+
+        def loglik(rows_by_site, beta, full=False):
+            if self.share_event_times:
+                total = combine_cox_risk_sets([site_cox_risk_sets(X[r], time[r], event[r], beta, grid)
+                                               for r in rows_by_site])
+                return cox_newton_from_risk_sets(total, beta, ties=self.ties, n=sum(len(r) for r in rows_by_site))
+            return combine_newton([site_cox_newton(X[r], time[r], event[r], beta, ties=self.ties)
+                                   for r in rows_by_site])
+
+        def train_rows(f):
+            return [g if f == self.cv else g[folds[g] != f] for g in groups.values()]
+
+        def evaluate(points):
+            out = {}
+            for f in range(points.shape[0]):
+                for u in range(points.shape[1]):
+                    beta = points[f, u]
+                    train = loglik(train_rows(f), beta)
+                    heldout = 0.0 if f == self.cv else loglik(list(groups.values()), beta).loglik - train.loglik
+                    out[(f, u)] = PathSummary(train=train, heldout=heldout)
+            return out
+
+        n_train = np.array([sum(len(r) for r in train_rows(f)) for f in range(n_folds)])
+        state = run_path(evaluate, n_train, Penalty(self.l1_ratio, np.ones(X.shape[1])), np.zeros(X.shape[1]),
+                         lambdas=self.alphas, n_lambdas=self.n_alphas, min_ratio=self.alpha_min_ratio, tol=self.tol)
+        self.alphas_ = state.lambdas
+        self.coef_path_ = state.best_beta[-1]
+        self.n_rounds_ = state.iteration + 1
+        if self.cv:
+            self.cv_deviance_ = -2 * state.heldout[:-1]
+            chosen, self.cv_mean_, self.cv_se_ = cv_choice(self.cv_deviance_, self.alphas_, self.rule)
+        else:
+            chosen = len(self.alphas_) - 1
+        self.alpha_ = float(self.alphas_[chosen])
+        self.coef_ = self.coef_path_[chosen]
+        self.folds_ = folds
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        return np.asarray(X, dtype=float) @ self.coef_
+
+    def score(self, X, y) -> float:
         event, time = check_y_survival(y)
         return concordance_index_censored(event, time, self.predict(X))[0]

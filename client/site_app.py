@@ -22,6 +22,7 @@ from client.ledger import append_entry
 from client.privacy import PrivacyRefusal, check_reply, scrub
 from client.site_census import census_reply
 from client.site_data import site_log
+from client.site_fit import model_summaries_reply
 from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, zscore_reply
 from client.store import open_store
 from common import schemas
@@ -109,3 +110,9 @@ def combat_adjust(msg: Message, context: Context) -> Message:
 def zscore_apply(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
                   zscore_reply(store, plan, _arrays(msg), context.run_id))
+
+
+@app.query("model_summaries")
+def model_summaries(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  model_summaries_reply(store, plan, site, _arrays(msg)))

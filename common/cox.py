@@ -263,7 +263,7 @@ class FederatedCoxnetCV:
     l1_ratio : float in (0, 1]; alphas : penalties (default: ``n_alphas`` from λ_max down to
     ``alpha_min_ratio`` · λ_max); cv : folds (0: no cross-validation); rule : "min" or "1se";
     ties, share_event_times : as :class:`FederatedCoxPH` (Coxnet's reference uses Breslow);
-    seed : fold assignment (each site's folds come from ``[seed, site number]``).
+    seed : fold assignment (each site's folds come from the seed and the site's name).
 
     Attributes
     ----------
@@ -287,14 +287,13 @@ class FederatedCoxnetCV:
         self.tol = tol
 
     def fit(self, X, y, *, site=None):
-        from common.penalised import Penalty, PathSummary, cv_choice, fold_ids, run_path
+        from common.penalised import Penalty, PathSummary, cv_choice, run_path, site_fold_ids
 
         X, event, time, names, groups = FederatedCoxPH(ties=self.ties)._check(X, y, site)
         self.feature_names_in_ = np.array(names, dtype=object)
         folds = np.empty(len(X), dtype=int)
-        for number, rows in enumerate(groups.values()):
-            folds[rows] = fold_ids(len(rows), max(self.cv, 1), [self.seed, number], stratify=event[rows]) \
-                if self.cv else 0
+        for label, rows in groups.items():
+            folds[rows] = site_fold_ids(len(rows), self.cv, self.seed, label, stratify=event[rows]) if self.cv else 0
         n_folds = self.cv + 1  # CV folds, then all data
         grid = combine_cox_event_times([site_cox_event_times(time[g], event[g]) for g in groups.values()])
 
@@ -319,8 +318,7 @@ class FederatedCoxnetCV:
                     out[(f, u)] = PathSummary(train=train, heldout=heldout)
             return out
 
-        n_train = np.array([sum(len(r) for r in train_rows(f)) for f in range(n_folds)])
-        state = run_path(evaluate, n_train, Penalty(self.l1_ratio, np.ones(X.shape[1])), np.zeros(X.shape[1]),
+        state = run_path(evaluate, n_folds, Penalty(self.l1_ratio, np.ones(X.shape[1])), np.zeros(X.shape[1]),
                          lambdas=self.alphas, n_lambdas=self.n_alphas, min_ratio=self.alpha_min_ratio, tol=self.tol)
         self.alphas_ = state.lambdas
         self.coef_path_ = state.best_beta[-1]

@@ -18,6 +18,7 @@ COMBAT_MOMENTS = "query.combat_moments"
 COMBAT_RESIDUALS = "query.combat_residuals"
 COMBAT_ADJUST = "query.combat_adjust"
 ZSCORE_APPLY = "query.zscore_apply"
+MODEL_SUMMARIES = "query.model_summaries"
 
 #: error codes of a site's own refusal (privacy guard) and failure (data or settings); any
 #: other code is Flower's (node unavailable, ClientApp crashed, ...).
@@ -26,7 +27,7 @@ SITE_FAILED = 902
 
 #: the stage each message type belongs to (the ledger names it).
 STAGE_OF = {CENSUS: "census", COMBAT_MOMENTS: "harmonise", COMBAT_RESIDUALS: "harmonise",
-            COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise"}
+            COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise", MODEL_SUMMARIES: "fit"}
 
 
 def arrays_record(**arrays) -> ArrayRecord:

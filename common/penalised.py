@@ -28,6 +28,7 @@ Cox uses the cross-validated partial likelihood of Verweij & van Houwelingen (19
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +36,7 @@ import numpy as np
 from common.newton import ConvergenceError, NewtonSummary
 
 __all__ = ["Penalty", "PathSummary", "PathState", "penalised_objective", "solve_penalised_quadratic",
-           "lambda_max", "lambda_grid", "start_path", "update_path", "unique_points", "cv_choice", "fold_ids", "run_path"]
+           "lambda_max", "lambda_grid", "start_path", "update_path", "unique_points", "cv_choice", "fold_ids", "site_fold_ids", "run_path"]
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,12 @@ def fold_ids(n: int, n_folds: int, seed, stratify=None) -> np.ndarray:
     return folds
 
 
+def site_fold_ids(n: int, n_folds: int, seed: int, site: str, stratify=None) -> np.ndarray:
+    """A site's folds, reproducible from the study seed and the site's name (the in-process
+    reference and the federated run assign the same folds)."""
+    return fold_ids(n, n_folds, [int(seed), zlib.crc32(str(site).encode())], stratify=stratify)
+
+
 def cv_choice(deviance: np.ndarray, lambdas: np.ndarray, rule: str = "min") -> tuple[int, np.ndarray, np.ndarray]:
     """Index of the chosen λ from CV deviance (n_folds, n_lambdas); also the mean and SE curves.
 
@@ -217,13 +224,14 @@ def cv_choice(deviance: np.ndarray, lambdas: np.ndarray, rule: str = "min") -> t
     return int(within[np.argmax(lambdas[within])]), mean, se
 
 
-def run_path(evaluate, n_train: np.ndarray, penalty: Penalty, beta0: np.ndarray, *, lambdas=None,
+def run_path(evaluate, n_folds: int, penalty: Penalty, beta0: np.ndarray, *, lambdas=None,
              n_lambdas: int = 50, min_ratio: float = 0.01, tol: float = 1e-9, max_rounds: int = 100) -> PathState:
-    """The coordinator's loop in one process. ``evaluate(points (F, U, p)) -> {(f, u): PathSummary}``
-    returns the sums over sites; the last fold is the full data (it sets λ_max)."""
-    n_folds = len(n_train)
+    """The coordinator's loop. ``evaluate(points (F, U, p)) -> {(f, u): PathSummary}`` returns the
+    sums over sites (in one process, or one federated round); the last fold is the full data (it
+    sets λ_max). Training sizes come from the summaries' ``n``."""
     start = np.broadcast_to(beta0, (n_folds, 1) + beta0.shape).copy()
     first = evaluate(start)
+    n_train = np.array([first[(f, 0)].train.n for f in range(n_folds)])
     if lambdas is None:
         lambdas = lambda_grid(lambda_max(first[(n_folds - 1, 0)].train.grad, int(n_train[-1]), penalty),
                               n_lambdas, min_ratio)

@@ -46,8 +46,8 @@ from common.errors import FedradError
 
 __all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features", "STAGES", "SITE_BATCH"]
 
-#: stages in the order a study runs them (later issues add select, fit, evaluate, package).
-STAGES = ("census", "harmonise")
+#: stages in the order a study runs them (later issues add select, evaluate, package).
+STAGES = ("census", "harmonise", "fit")
 #: the batch name meaning "each site is its own batch".
 SITE_BATCH = "site"
 
@@ -106,6 +106,38 @@ class Harmonise(_Section):
         return self
 
 
+class Model(_Section):
+    """One model of the `fit` stage (a Rad-score, a clinical model, a nomogram...)."""
+
+    name: str
+    kind: Literal["cox", "logistic"] = "cox"
+    features: tuple[str, ...] = ()          # globs over the store's feature columns
+    clinical: tuple[str, ...] = ()          # numeric clinical columns, used as they are
+    binary_outcome: str = ""                # logistic: a 0/1 column (default: [outcome].event)
+    penalty: Literal["none", "elasticnet"] = "none"
+    l1_ratio: float = Field(1.0, gt=0, le=1)
+    n_alphas: int = Field(30, ge=2)
+    alpha_min_ratio: float = Field(0.01, gt=0, lt=1)
+    cv_folds: int = Field(5, ge=2)
+    rule: Literal["min", "1se"] = "1se"
+    ties: Literal["efron", "breslow"] = "efron"
+    ridge: float = Field(0.0, ge=0)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, name):
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"model name '{name}' may hold only letters, digits, '_' and '-'")
+        return name
+
+    @model_validator(mode="after")
+    def _has_columns(self):
+        if not self.features and not self.clinical:
+            raise ValueError(f"model '{self.name}' has neither features nor clinical columns")
+        return self
+
+
 class Privacy(_Section):
     min_count: int = Field(5, ge=1, description="smallest number of cases any aggregate may come from")
 
@@ -124,11 +156,25 @@ class Study(_Section):
     harmonise: Harmonise = Harmonise()
     privacy: Privacy = Privacy()
     federation: Federation = Federation()
+    models: tuple[Model, ...] = ()
+
+    @model_validator(mode="after")
+    def _models_for_fit(self):
+        if "fit" in self.study.stages and not self.models:
+            raise ValueError("stage 'fit' needs at least one [[models]] entry")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("two [[models]] have the same name")
+        return self
 
     def section_hash(self, *sections: str) -> str:
         """sha256 of the named sections: a finished stage is reused only if its inputs are unchanged."""
-        data = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        data = {s: _dump(getattr(self, s)) for s in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _dump(section):
+    return [m.model_dump(mode="json") for m in section] if isinstance(section, tuple) else section.model_dump(mode="json")
 
 
 def parse_study(data: dict, source: str = "study") -> Study:

@@ -1,0 +1,106 @@
+"""Model summaries at a site: the site half of `server/fit.py`.
+
+One message evaluates the model at many points at once: for each fold (the site's own
+K-fold split, then all rows) and each point β the coordinator sends, the training
+log-likelihood, gradient and Hessian and the held-out score. Unpenalised Newton is the
+special case of one fold (all rows) and one point.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from flwr.app import RecordDict
+
+from client.privacy import Disclosure
+from client.site_data import HARMONISED_META, STANDARDISED, site_log
+from client.store import FEATURES, FeatureStore
+from common import schemas
+from common.cox import site_cox_newton
+from common.errors import StoreError
+from common.logistic import site_logistic_newton
+from common.messages import arrays_record
+from common.penalised import site_fold_ids
+
+
+def model_table(store: FeatureStore, plan: dict) -> pd.DataFrame:
+    """The rows the model sees: standardised (harmonised, z-scored) features when the study harmonised."""
+    if plan["data"] == "standardised":
+        meta_path = store.path / HARMONISED_META
+        if not meta_path.is_file() or json.loads(meta_path.read_text()).get("reference") != plan["reference"]:
+            raise StoreError("this site's standardised features are not from the study's harmonisation; "
+                             "rerun the harmonise stage")
+        return pd.read_parquet(store.path / STANDARDISED)
+    return pd.read_parquet(store.path / FEATURES)
+
+
+def model_inputs(store: FeatureStore, plan: dict, site: str):
+    """(ids, X, outcome) of the rows usable for the model; rows without a binary outcome are left out (logged)."""
+    table = model_table(store, plan)
+    model = plan["model"]
+    columns = plan["columns"]
+    absent = [c for c in columns if c not in table.columns]
+    if absent:
+        raise StoreError(f"model '{model['name']}': the store lacks {len(absent)} column(s), e.g. {absent[:3]}")
+    if model["kind"] == "logistic":
+        outcome = plan["binary_outcome"]
+        if outcome not in table.columns:
+            raise StoreError(f"model '{model['name']}': the store has no column '{outcome}'")
+        y = pd.to_numeric(table[outcome], errors="coerce")
+        missing = y.isna()
+        if missing.any():
+            site_log(store.path, f"model '{model['name']}': no '{outcome}' for (left out): "
+                     + ", ".join(table.loc[missing, schemas.ID].astype(str)))
+        table, y = table[~missing], y[~missing]
+        if not y.isin([0, 1]).all():
+            raise StoreError(f"model '{model['name']}': column '{outcome}' must be 0/1")
+        outcome_values = (y.to_numpy(dtype=float),)
+    else:
+        outcome_values = (table[plan["time"]].to_numpy(dtype=float), table[plan["event"]].to_numpy(dtype=bool))
+    X = table[columns].to_numpy(dtype=float)
+    bad = [c for c, ok in zip(columns, np.isfinite(X).all(axis=0)) if not ok]
+    if bad:
+        raise StoreError(f"model '{model['name']}': missing values in {len(bad)} column(s), e.g. {bad[:3]}")
+    if model["kind"] == "logistic":
+        X = np.hstack([np.ones((len(X), 1)), X])  # the intercept is the first coefficient
+    return table[schemas.ID].astype(str).to_numpy(), X, outcome_values
+
+
+def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
+    ids, X, outcome = model_inputs(store, plan, site)
+    model = plan["model"]
+    points = arrays["points"]  # (F, U, p)
+    n_cv = int(plan["cv_folds"])
+    stratify = outcome[-1]
+    folds = site_fold_ids(len(ids), n_cv, model["seed"], site, stratify=stratify) if n_cv else np.zeros(len(ids), int)
+    n_folds, n_points, p = points.shape
+    loglik = np.zeros((n_folds, n_points))
+    heldout = np.zeros((n_folds, n_points))
+    grad = np.zeros((n_folds, n_points, p))
+    hess = np.zeros((n_folds, n_points, p, p))
+    n_train = np.zeros(n_folds)
+    events = np.zeros(n_folds)
+
+    def summary(rows, beta):
+        if model["kind"] == "cox":
+            return site_cox_newton(X[rows], outcome[0][rows], outcome[1][rows], beta, ties=model["ties"])
+        return site_logistic_newton(X[rows], outcome[0][rows], beta)
+
+    everyone = np.arange(len(ids))
+    for f in range(n_folds):
+        train = everyone if f == n_folds - 1 else everyone[folds != f]
+        for u in range(n_points):
+            s = summary(train, points[f, u])
+            loglik[f, u], grad[f, u], hess[f, u] = s.loglik, s.grad, s.hess
+            n_train[f], events[f] = s.n, s.events
+            if f < n_folds - 1:
+                if model["kind"] == "cox":  # Verweij & van Houwelingen: ℓ_all(β) - ℓ_train(β)
+                    heldout[f, u] = summary(everyone, points[f, u]).loglik - s.loglik
+                else:
+                    heldout[f, u] = summary(everyone[folds == f], points[f, u]).loglik
+    groups = {f"fold {k} held-out": int(np.sum(folds == k)) for k in range(n_folds - 1)}
+    content = RecordDict({"arrays": arrays_record(loglik=loglik, grad=grad, hess=hess, heldout=heldout,
+                                                  n_train=n_train, events=events)})
+    return content, Disclosure(n_cases=len(ids), groups=groups, identifiers=frozenset(ids))

@@ -1,0 +1,158 @@
+"""Stage `fit`: each model of the study by federated Newton (or a cross-validated elastic-net path).
+
+Every round is one ``query.model_summaries`` per site carrying the points to evaluate
+(unpenalised Newton: one point; elastic net: one per fold and λ still running, all folds and
+λ values in the same message). Sites answer with ℓ, ∇ℓ, ∇²ℓ and the held-out score per
+point; sums over sites equal the pooled quantities, so the fit equals the pooled fit.
+Cox is stratified by site (no event time leaves a site). A site that fails mid-model is
+dropped and the model restarts without it while ``min_sites`` remain.
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import numpy as np
+from flwr.common.logger import log
+
+from common.errors import FedradError
+from common.logistic import SeparationError, update_logistic_newton
+from common.messages import MODEL_SUMMARIES, record_arrays, request
+from common.newton import ConvergenceError, NewtonSummary, RankDeficientError, start_newton, update_newton, wald_table
+from common.penalised import Penalty, PathSummary, cv_choice, run_path
+from common.study import Features, Model, Study, select_features
+from server.federation import Federation, StageFailed, StageTraffic
+
+MAX_NEWTON_ROUNDS = 50
+
+
+class _SiteDropped(Exception):
+    def __init__(self, failures: dict[str, str]):
+        self.failures = failures
+
+
+def run_fit(fed: Federation, study: Study, census: dict, harmonise: dict | None) -> dict:
+    traffic = StageTraffic()
+    models = {}
+    for model in study.models:
+        models[model.name] = fit_model(fed, study, census, harmonise, model, traffic)
+    return {"models": models, "traffic": traffic.summary()}
+
+
+def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model, cv_folds: int) -> dict:
+    features = select_features(census["features"], Features(include=model.features)) if model.features else []
+    if model.features and not features:
+        raise StageFailed(f"fit: model '{model.name}': no feature matches {list(model.features)}")
+    return {
+        "study": study.model_dump(mode="json"), "model": model.model_dump(mode="json"),
+        "columns": features + list(model.clinical),
+        "data": "standardised" if harmonise and harmonise.get("settings", {}).get("zscore") else "features",
+        "reference": harmonise["reference"] if harmonise else "",
+        "time": study.outcome.time, "event": study.outcome.event,
+        "binary_outcome": model.binary_outcome or study.outcome.event, "cv_folds": cv_folds,
+    }
+
+
+def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | None, model: Model,
+              traffic: StageTraffic) -> dict:
+    sites = [s for s in census["sites"] if s in fed.sites]
+    left_out: dict[str, str] = {}
+    while True:
+        if len(sites) < study.federation.min_sites:
+            raise StageFailed(f"fit: model '{model.name}': {len(sites)} site(s) left, the study needs min_sites="
+                              f"{study.federation.min_sites}; " + "; ".join(f"{s}: {r}" for s, r in left_out.items()))
+        model_traffic = StageTraffic()
+        try:
+            result = _fit_once(fed, study, census, harmonise, model, sites, model_traffic)
+            break
+        except _SiteDropped as dropped:
+            left_out.update(dropped.failures)
+            sites = [s for s in sites if s not in dropped.failures]
+            log(INFO, "fit: model '%s': restarting without %s", model.name, ", ".join(dropped.failures))
+        finally:
+            for counter, total in ((model_traffic.bytes_out, traffic.bytes_out),
+                                   (model_traffic.bytes_in, traffic.bytes_in)):
+                for s, b in counter.items():
+                    total[s] = total.get(s, 0) + b
+            traffic.rounds += model_traffic.rounds
+            traffic.seconds += model_traffic.seconds
+    result.update(sites=sites, left_out=left_out, rounds=model_traffic.rounds,
+                  seconds=round(model_traffic.seconds, 2), bytes_up_per_site=dict(model_traffic.bytes_in),
+                  bytes_down_per_site=dict(model_traffic.bytes_out))
+    log(INFO, "fit: model '%s' (%s, %s): %d round trip(s), converged=%s", model.name, model.kind, model.penalty,
+        result["rounds"], result["converged"])
+    return result
+
+
+def _evaluator(fed: Federation, sites: list[str], plan: dict, name: str, traffic: StageTraffic):
+    def evaluate(points: np.ndarray) -> dict[tuple[int, int], PathSummary]:
+        targets = {s: fed.sites[s] for s in sites}
+        outcome = fed.ask("fit", traffic.rounds + 1, MODEL_SUMMARIES,
+                          {s: request(plan, points=points) for s in sites}, targets, traffic)
+        if outcome.failures:
+            raise _SiteDropped(outcome.failures)
+        parts = [record_arrays(c["arrays"]) for c in outcome.replies.values()]
+        total = {k: sum(p[k] for p in parts) for k in parts[0]}
+        return {(f, u): PathSummary(train=NewtonSummary(loglik=float(total["loglik"][f, u]), grad=total["grad"][f, u],
+                                                        hess=total["hess"][f, u], n=int(total["n_train"][f]),
+                                                        events=int(total["events"][f])),
+                                    heldout=float(total["heldout"][f, u]))
+                for f in range(points.shape[0]) for u in range(points.shape[1])}
+    return evaluate
+
+
+def _fit_once(fed, study, census, harmonise, model: Model, sites, traffic) -> dict:
+    cv = model.cv_folds if model.penalty == "elasticnet" else 0
+    plan = model_plan(study, census, harmonise, model, cv)
+    logistic = model.kind == "logistic"
+    names = (["intercept"] if logistic else []) + plan["columns"]
+    evaluate = _evaluator(fed, sites, plan, model.name, traffic)
+    try:
+        if model.penalty == "none":
+            return _newton(evaluate, names, model, logistic)
+        return _elastic_net(evaluate, names, model, logistic, cv)
+    except (RankDeficientError, SeparationError, ConvergenceError) as exc:
+        raise StageFailed(f"fit: model '{model.name}': {exc}") from None
+
+
+def _newton(evaluate, names, model: Model, logistic: bool) -> dict:
+    state = start_newton(len(names))
+    while not state.converged and state.iteration < MAX_NEWTON_ROUNDS:
+        total = evaluate(state.beta[None, None, :])[(0, 0)].train
+        if logistic:
+            state = update_logistic_newton(state, total, ridge=model.ridge, names=names)
+        else:
+            state = update_newton(state, total, ridge=model.ridge, names=names)
+    table = wald_table(state.beta, state.best.hess, names, exp_name="OR" if logistic else "HR")
+    return {
+        "kind": model.kind, "penalty": "none", "converged": bool(state.converged),
+        "coefficients": dict(zip(names, map(float, state.beta))),
+        "table": table.reset_index().to_dict(orient="records"),
+        "loglik": float(state.best.loglik), "loglik_null": float(state.loglik_null),
+        "n": int(state.best.n), "events": int(state.best.events),
+    }
+
+
+def _elastic_net(evaluate, names, model: Model, logistic: bool, cv: int) -> dict:
+    p = len(names)
+    factors = np.ones(p)
+    beta0 = np.zeros(p)
+    if logistic:  # start at the intercept-only fit so that λ_max is exact
+        factors[0] = 0.0
+        full = evaluate(np.zeros((cv + 1, 1, p)))[(cv, 0)].train
+        if full.events in (0, full.n):
+            raise FedradError(f"model '{model.name}': the outcome is constant across sites")
+        beta0[0] = np.log(full.events / (full.n - full.events))
+    state = run_path(evaluate, cv + 1, Penalty(model.l1_ratio, factors), beta0, n_lambdas=model.n_alphas,
+                     min_ratio=model.alpha_min_ratio)
+    deviance = -2 * state.heldout[:-1]
+    chosen, mean, se = cv_choice(deviance, state.lambdas, model.rule)
+    coef = state.best_beta[-1, chosen]
+    return {
+        "kind": model.kind, "penalty": "elasticnet", "converged": True, "l1_ratio": model.l1_ratio,
+        "rule": model.rule, "alpha": float(state.lambdas[chosen]),
+        "coefficients": dict(zip(names, map(float, coef))),
+        "selected": [n for n, c in zip(names, coef) if c != 0 and n != "intercept"],
+        "alphas": state.lambdas.tolist(), "cv_mean": mean.tolist(), "cv_se": se.tolist(),
+        "coef_path": state.best_beta[-1].tolist(), "cv_folds": cv,
+    }

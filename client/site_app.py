@@ -22,7 +22,7 @@ from client.ledger import append_entry
 from client.privacy import PrivacyRefusal, check_reply, scrub
 from client.site_census import census_reply
 from client.site_data import site_log
-from client.site_fit import model_summaries_reply
+from client.site_fit import event_times_reply, model_summaries_reply, risk_sets_reply
 from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, zscore_reply
 from client.store import open_store
 from common import schemas
@@ -116,3 +116,19 @@ def zscore_apply(msg: Message, context: Context) -> Message:
 def model_summaries(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
                   model_summaries_reply(store, plan, site, _arrays(msg)))
+
+
+def _allows_event_times(context: Context) -> bool:
+    return str(context.node_config.get("allow-event-times", "false")).lower() == "true"
+
+
+@app.query("cox_event_times")
+def cox_event_times(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  event_times_reply(store, plan, site, _allows_event_times(context)))
+
+
+@app.query("cox_risk_sets")
+def cox_risk_sets(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  risk_sets_reply(store, plan, site, _arrays(msg), _allows_event_times(context)))

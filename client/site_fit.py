@@ -18,8 +18,8 @@ from client.privacy import Disclosure
 from client.site_data import HARMONISED_META, STANDARDISED, site_log
 from client.store import FEATURES, FeatureStore
 from common import schemas
-from common.cox import site_cox_newton
-from common.errors import StoreError
+from common.cox import site_cox_event_times, site_cox_newton, site_cox_risk_sets
+from common.errors import FedradError, StoreError
 from common.logistic import site_logistic_newton
 from common.messages import arrays_record
 from common.penalised import site_fold_ids
@@ -104,3 +104,35 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
     content = RecordDict({"arrays": arrays_record(loglik=loglik, grad=grad, hess=hess, heldout=heldout,
                                                   n_train=n_train, events=events)})
     return content, Disclosure(n_cases=len(ids), groups=groups, identifiers=frozenset(ids))
+
+
+class EventTimesNotAllowed(FedradError):
+    """The study asks for event times, and this site has not agreed to share them."""
+
+
+def _check_allowed(allowed: bool, model: dict) -> None:
+    if not allowed:
+        raise EventTimesNotAllowed(
+            f"model '{model['name']}' is an unstratified Cox model (share_event_times), which discloses this site's "
+            "event times; the site has not allowed it (SuperNode node config allow-event-times=true)")
+
+
+def event_times_reply(store: FeatureStore, plan: dict, site: str, allowed: bool) -> tuple[RecordDict, Disclosure]:
+    """This site's distinct event times: only with the site's explicit consent."""
+    _check_allowed(allowed, plan["model"])
+    ids, _, (time, event) = model_inputs(store, plan, site)
+    times = site_cox_event_times(time, event)
+    site_log(store.path, f"shared {len(times)} distinct event times for model '{plan['model']['name']}'")
+    return RecordDict({"arrays": arrays_record(times=times)}), Disclosure(n_cases=len(ids), identifiers=frozenset(ids))
+
+
+def risk_sets_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
+                    allowed: bool) -> tuple[RecordDict, Disclosure]:
+    """Risk-set sums on the coordinator's event-time grid at β (unstratified exact Cox, WebDISCO-style)."""
+    _check_allowed(allowed, plan["model"])
+    ids, X, (time, event) = model_inputs(store, plan, site)
+    sums = site_cox_risk_sets(X, time, event, arrays["beta"], arrays["grid"])
+    content = RecordDict({"arrays": arrays_record(
+        d=sums.d, x_events=sums.x_events, s0=sums.s0, s1=sums.s1, s2=sums.s2, s0_tied=sums.s0_tied,
+        s1_tied=sums.s1_tied, s2_tied=sums.s2_tied, n=np.array([len(ids)]))})
+    return content, Disclosure(n_cases=len(ids), identifiers=frozenset(ids))

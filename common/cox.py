@@ -287,7 +287,7 @@ class FederatedCoxnetCV:
         self.tol = tol
 
     def fit(self, X, y, *, site=None):
-        from common.penalised import Penalty, PathSummary, cv_choice, run_path, site_fold_ids
+        from common.penalised import Penalty, PathSummary, path_choice, run_path, site_fold_ids
 
         X, event, time, names, groups = FederatedCoxPH(ties=self.ties)._check(X, y, site)
         self.feature_names_in_ = np.array(names, dtype=object)
@@ -322,12 +322,8 @@ class FederatedCoxnetCV:
                          lambdas=self.alphas, n_lambdas=self.n_alphas, min_ratio=self.alpha_min_ratio, tol=self.tol)
         self.alphas_ = state.lambdas
         self.coef_path_ = state.best_beta[-1]
-        self.n_rounds_ = state.iteration + 1
-        if self.cv:
-            self.cv_deviance_ = -2 * state.heldout[:-1]
-            chosen, self.cv_mean_, self.cv_se_ = cv_choice(self.cv_deviance_, self.alphas_, self.rule)
-        else:
-            chosen = len(self.alphas_) - 1
+        self.n_rounds_ = state.iteration  # one evaluation (round trip) per iteration
+        chosen, self.cv_deviance_, self.cv_mean_, self.cv_se_ = path_choice(state, self.rule)
         self.alpha_ = float(self.alphas_[chosen])
         self.coef_ = self.coef_path_[chosen]
         self.folds_ = folds

@@ -60,7 +60,7 @@ import pandas as pd
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import roc_auc_score
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, Options, StrOptions
 
 from common.errors import FedradError
 from common.newton import (
@@ -75,7 +75,8 @@ from common.newton import (
 )
 
 __all__ = ["SeparationError", "LogisticInputError", "site_logistic_newton", "update_logistic_newton",
-           "FederatedLogisticRegression", "DEVIANCE_SEPARATION", "STEP_RATIO_SEPARATION", "INTERCEPT"]
+           "FederatedLogisticRegression", "FederatedLogisticNetCV", "DEVIANCE_SEPARATION", "STEP_RATIO_SEPARATION",
+           "INTERCEPT"]
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +244,21 @@ def _step_is_diverging(state: NewtonState, previous_state: NewtonState | None) -
     return _diverging(_last_step(state), _last_step(previous_state), state.beta)
 
 
+def _checked_inputs(estimator, X, y) -> tuple[np.ndarray, np.ndarray, int]:
+    """(X values, 0/1 outcome, events) after the estimator's checks; both classes must occur."""
+    estimator._validate_params()
+    if hasattr(estimator, "feature_names_in_"):
+        del estimator.feature_names_in_
+    values = estimator._features(X, fitting=True)
+    n = len(values)
+    y = estimator._outcome(y, n)
+    events = int(y.sum())
+    if events in (0, n):
+        raise LogisticInputError(f"all {n} outcomes are {int(y[0]) if n else 0}; logistic regression needs both "
+                                 "classes")
+    return values, y, events
+
+
 class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
     """Binary logistic regression fitted by federated Newton, one summary per site and round.
 
@@ -376,16 +392,8 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
         site : (n_samples,), optional
             Site label of every row (default: one site).
         """
-        self._validate_params()
-        if hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
-        values = self._features(X, fitting=True)
+        values, y, events = _checked_inputs(self, X, y)
         n, n_features = values.shape
-        y = self._outcome(y, n)
-        events = int(y.sum())
-        if events in (0, n):
-            raise LogisticInputError(f"all {n} outcomes are {int(y[0]) if n else 0}; logistic regression needs both "
-                                     "classes")
         if site is None:
             groups = [np.arange(n)]
         else:
@@ -467,3 +475,188 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
         """ROC AUC of ``decision_function(X)`` against ``y`` (not accuracy, unlike ClassifierMixin)."""
         eta = self.decision_function(X)
         return float(roc_auc_score(self._outcome(y, len(eta)), eta, sample_weight=sample_weight))
+
+
+class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator):
+    """Elastic-net logistic path with site-local K-fold cross-validation (see :mod:`common.penalised`).
+
+    For each ``alpha`` on the path the coefficients minimise (glmnet's binomial scaling)
+
+    .. math::
+
+        -\\frac{1}{n}\\,\\ell(\\beta_0, w) + \\alpha \\sum_j \\Big(r\\,|w_j| + \\frac{1-r}{2} w_j^2\\Big),
+
+    with ``ℓ`` the binomial log-likelihood of :func:`site_logistic_newton`, ``r = l1_ratio`` and the
+    intercept ``β_0`` unpenalised. This is scikit-learn's ``LogisticRegression(solver="saga",
+    l1_ratio=r, C=1 / (n · alpha))``: scikit-learn minimises ``C · Σ loss + r|w|₁ + (1-r)/2 |w|²``
+    and ``Σ loss = -ℓ``.
+
+    ``fit`` runs :func:`~common.penalised.run_path` in one process: every round, each site evaluates
+    :func:`site_logistic_newton` on its training rows of every (fold, alpha) point, and the
+    log-likelihood of its held-out rows at the same point; the sums over sites are what a federated
+    round would return, so this is the single-process reference of the federated path. Fold K (the
+    last) is all data; it sets ``alpha_max`` and ``coef_path_``. Every sequence starts at the
+    intercept-only fit of all the data (intercept ``logit(events / n)``, coefficients 0), where the
+    intercept's gradient is 0, so ``alphas_[0]`` is exactly the smallest alpha with every coefficient 0.
+
+    Parameters
+    ----------
+    l1_ratio : float in (0, 1]
+        ``r``: 1 is the lasso, smaller values mix in a ridge penalty.
+    alphas : array-like, shape = (n_alphas,), optional
+        Penalties, largest first (default: ``n_alphas`` on a log scale from alpha_max down to
+        ``alpha_min_ratio · alpha_max``).
+    n_alphas : int >= 1
+    alpha_min_ratio : float in (0, 1)
+    cv : int, 0 or >= 2
+        Folds; 0 fits the path on all data only (``alpha_`` is then the last alpha).
+    rule : {"min", "1se"}
+        :func:`~common.penalised.cv_choice`: smallest mean CV deviance, or the largest alpha within
+        one standard error of it.
+    fit_intercept : bool
+        Add an unpenalised intercept column (first, named ``"intercept"``).
+    seed : int >= 0
+        Fold assignment: each site splits its own rows, stratified by outcome, with
+        :func:`~common.penalised.site_fold_ids` (from the seed and the site's label).
+    tol : float > 0
+        Stopping rule of each proximal-Newton sequence (:func:`~common.penalised.update_path`).
+
+    Attributes
+    ----------
+    alphas_ : (n_alphas,)
+    coef_path_ : (n_alphas, n_features)
+        Coefficients on all data at each alpha.
+    intercept_path_ : (n_alphas,)
+        Intercepts on all data (zeros without ``fit_intercept``).
+    alpha_ : float
+        The chosen alpha.
+    coef_ : (n_features,); intercept_ : float
+        At ``alpha_``.
+    cv_deviance_ : (cv, n_alphas)
+        ``-2 ·`` held-out binomial log-likelihood per fold (only when ``cv``).
+    cv_mean_, cv_se_ : (n_alphas,)
+        Mean over folds and its standard error (only when ``cv``).
+    n_rounds_ : int
+        Round trips a federation needs (all folds and alphas share each round).
+    folds_ : (n_samples,)
+        Fold of each row, 0..cv-1 (all 0 when ``cv = 0``).
+    classes_ : (2,) array [0, 1]
+    n_sites_ : int
+    feature_names_in_ : (n_features,) (only when X is a DataFrame with string column names)
+    n_features_in_ : int
+
+    References
+    ----------
+    Friedman, J., Hastie, T. & Tibshirani, R. (2010). Regularization paths for generalized linear
+    models via coordinate descent. J. Stat. Softw. 33(1). R ``glmnet::cv.glmnet(family="binomial")``.
+    """
+
+    _parameter_constraints: dict = {
+        "l1_ratio": [Interval(Real, 0, 1, closed="right")],
+        "alphas": ["array-like", None],
+        "n_alphas": [Interval(Integral, 1, None, closed="left")],
+        "alpha_min_ratio": [Interval(Real, 0, 1, closed="neither")],
+        "cv": [Interval(Integral, 2, None, closed="left"), Options(Integral, {0})],
+        "rule": [StrOptions({"min", "1se"})],
+        "fit_intercept": ["boolean"],
+        "seed": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="neither")],
+    }
+
+    def __init__(self, *, l1_ratio: float = 1.0, alphas=None, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
+                 cv: int = 5, rule: str = "min", fit_intercept: bool = True, seed: int = 0, tol: float = 1e-9):
+        self.l1_ratio = l1_ratio
+        self.alphas = alphas
+        self.n_alphas = n_alphas
+        self.alpha_min_ratio = alpha_min_ratio
+        self.cv = cv
+        self.rule = rule
+        self.fit_intercept = fit_intercept
+        self.seed = seed
+        self.tol = tol
+
+    # Input checks and prediction are FederatedLogisticRegression's.
+    _features = FederatedLogisticRegression._features
+    _names = FederatedLogisticRegression._names
+    _outcome = staticmethod(FederatedLogisticRegression._outcome)
+    _design = FederatedLogisticRegression._design
+    decision_function = FederatedLogisticRegression.decision_function
+    predict_proba = FederatedLogisticRegression.predict_proba
+    predict = FederatedLogisticRegression.predict
+    score = FederatedLogisticRegression.score
+
+    def _check_fitted(self):
+        if not hasattr(self, "coef_"):
+            raise AttributeError("this FederatedLogisticNetCV is not fitted yet; call fit first")
+
+    def fit(self, X, y, *, site=None):
+        """Fit the path on all data and on every training fold, then choose alpha by CV deviance.
+
+        Parameters
+        ----------
+        X : (n_samples, n_features) array or DataFrame
+        y : (n_samples,) 0/1 or boolean
+        site : (n_samples,), optional
+            Site label of every row (default: one site).
+        """
+        from common.penalised import Penalty, PathSummary, path_choice, run_path, site_fold_ids
+
+        values, y, events = _checked_inputs(self, X, y)
+        n, n_features = values.shape
+        alphas = None
+        if self.alphas is not None:
+            alphas = np.asarray(self.alphas, dtype=float)
+            if alphas.ndim != 1 or len(alphas) == 0 or not np.all(np.isfinite(alphas) & (alphas > 0)):
+                raise ValueError(f"alphas must be a non-empty 1-D array of positive numbers; got {self.alphas!r}")
+        if site is None:
+            groups = {0: np.arange(n)}
+        else:
+            site = np.asarray(site)
+            if site.shape != (n,):
+                raise LogisticInputError(f"X has {n} rows but site has shape {site.shape}")
+            groups = {s: np.flatnonzero(site == s) for s in dict.fromkeys(site.tolist())}
+        design = self._design(values)
+        p = design.shape[1]
+
+        folds = np.zeros(n, dtype=int)
+        if self.cv:
+            for label, rows in groups.items():
+                folds[rows] = site_fold_ids(len(rows), self.cv, self.seed, label, stratify=y[rows])
+        n_folds = self.cv + 1  # CV folds, then all data
+        # (training rows, held-out rows) per fold and site; the last fold holds nothing out.
+        splits = [[(g, g[:0]) if f == self.cv else (g[folds[g] != f], g[folds[g] == f]) for g in groups.values()]
+                  for f in range(n_folds)]
+
+        def evaluate(points):
+            started, out = time.perf_counter(), {}
+            for f in range(points.shape[0]):
+                for u in range(points.shape[1]):
+                    beta = points[f, u]
+                    train = combine_newton([site_logistic_newton(design[t], y[t], beta) for t, _ in splits[f]])
+                    heldout = sum(site_logistic_newton(design[h], y[h], beta).loglik for _, h in splits[f] if len(h))
+                    out[(f, u)] = PathSummary(train=train, heldout=float(heldout))
+            logger.debug("path round: %d points, %.3f s, %d bytes", len(out), time.perf_counter() - started,
+                         len(groups) * len(out) * 8 * (p + p * p + 4))
+            return out
+
+        factors = np.ones(p)
+        beta0 = np.zeros(p)
+        if self.fit_intercept:
+            factors[0] = 0.0
+            beta0[0] = np.log(events / (n - events))  # intercept-only fit: its gradient is 0
+        state = run_path(evaluate, n_folds, Penalty(float(self.l1_ratio), factors), beta0, lambdas=alphas,
+                         n_lambdas=self.n_alphas, min_ratio=self.alpha_min_ratio, tol=self.tol)
+        path = state.best_beta[-1]
+        self.alphas_ = state.lambdas
+        self.coef_path_ = path[:, 1:].copy() if self.fit_intercept else path.copy()
+        self.intercept_path_ = path[:, 0].copy() if self.fit_intercept else np.zeros(len(self.alphas_))
+        self.n_rounds_ = state.iteration  # one evaluation (round trip) per iteration
+        chosen, self.cv_deviance_, self.cv_mean_, self.cv_se_ = path_choice(state, self.rule)
+        self.alpha_ = float(self.alphas_[chosen])
+        self.coef_ = self.coef_path_[chosen].copy()
+        self.intercept_ = float(self.intercept_path_[chosen])
+        self.folds_ = folds
+        self.n_features_in_ = n_features
+        self.classes_ = np.array([0, 1])
+        self.n_sites_ = len(groups)
+        return self

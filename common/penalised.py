@@ -36,7 +36,7 @@ import numpy as np
 from common.newton import ConvergenceError, NewtonSummary
 
 __all__ = ["Penalty", "PathSummary", "PathState", "penalised_objective", "solve_penalised_quadratic",
-           "lambda_max", "lambda_grid", "start_path", "update_path", "unique_points", "cv_choice", "fold_ids", "site_fold_ids", "run_path"]
+           "lambda_max", "lambda_grid", "start_path", "update_path", "unique_points", "cv_choice", "fold_ids", "site_fold_ids", "run_path", "path_choice"]
 
 
 @dataclass(frozen=True)
@@ -246,3 +246,12 @@ def run_path(evaluate, n_folds: int, penalty: Penalty, beta0: np.ndarray, *, lam
     if not state.done:
         raise ConvergenceError(f"the penalised path did not converge in {max_rounds} rounds")
     return state
+
+
+def path_choice(state: PathState, rule: str) -> tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(chosen λ index, CV deviance (K, L), mean, SE) of a finished path; without CV folds, the smallest λ."""
+    if state.beta.shape[0] == 1:
+        return len(state.lambdas) - 1, None, None, None
+    deviance = -2 * state.heldout[:-1]
+    chosen, mean, se = cv_choice(deviance, state.lambdas, rule)
+    return chosen, deviance, mean, se

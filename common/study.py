@@ -62,7 +62,7 @@ class _Section(BaseModel):
 
 class StudyInfo(_Section):
     name: str = "study"
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = ("census", "harmonise")
 
     @field_validator("stages")
     @classmethod
@@ -121,6 +121,7 @@ class Model(_Section):
     cv_folds: int = Field(5, ge=2)
     rule: Literal["min", "1se"] = "1se"
     ties: Literal["efron", "breslow"] = "efron"
+    share_event_times: bool = False         # cox: one baseline hazard, exact; discloses event times (opt-in)
     ridge: float = Field(0.0, ge=0)
     seed: int = 0
 
@@ -135,6 +136,8 @@ class Model(_Section):
     def _has_columns(self):
         if not self.features and not self.clinical:
             raise ValueError(f"model '{self.name}' has neither features nor clinical columns")
+        if self.share_event_times and (self.kind != "cox" or self.penalty != "none"):
+            raise ValueError(f"model '{self.name}': share_event_times applies to unpenalised Cox models only")
         return self
 
 

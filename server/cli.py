@@ -40,13 +40,16 @@ def local(
     site: list[str] = typer.Option(..., "--site", help="NAME=STORE, once per site."),
     study: Path = typer.Option(..., "--study", help="study.toml"),
     out: Path = typer.Option(..., "--out", help="Run directory (results.json, runlog.sqlite, reference/)."),
+    allow_event_times: bool = typer.Option(False, "--allow-event-times",
+                                           help="Every site consents to share event times (unstratified Cox)."),
 ):
     """Run a study on a local federation: a real SuperLink and one SuperNode per site, on loopback."""
     from server.local import LocalFederation
 
     sites = parse_sites(site)
     try:
-        with LocalFederation(out, sites, echo=lambda line: console.print(line, markup=False, highlight=False)) as fed:
+        with LocalFederation(out, sites, echo=lambda line: console.print(line, markup=False, highlight=False),
+                             allow_event_times=allow_event_times) as fed:
             results = fed.run_study(study, out)
     except KeyboardInterrupt:
         console.print("[red]interrupted: every Flower process started for this run has been stopped")
@@ -145,6 +148,8 @@ def site_join(
     insecure: bool = typer.Option(False, "--insecure", help="No TLS (loopback rehearsals only)."),
     port: int = typer.Option(9094, "--port", help="Local port of the SuperNode's own API."),
     min_count: Optional[int] = typer.Option(None, "--min-count", help="This site's minimum, if above the study's."),
+    allow_event_times: bool = typer.Option(False, "--allow-event-times",
+                                           help="Consent to share this site's event times (unstratified Cox)."),
 ):
     """Join a consortium: run flower-supernode with this site's store (replaces this process)."""
     from client.store import open_store
@@ -156,6 +161,8 @@ def site_join(
     node_config = f'store="{Path(store).absolute()}" site-name="{name}"'
     if min_count:
         node_config += f" min-count={min_count}"
+    if allow_event_times:
+        node_config += " allow-event-times=true"
     command = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config",
                node_config]
     command += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]

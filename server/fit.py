@@ -17,9 +17,10 @@ from flwr.common.logger import log
 
 from common.errors import FedradError
 from common.logistic import SeparationError, update_logistic_newton
-from common.messages import MODEL_SUMMARIES, record_arrays, request
+from common.cox import RiskSetSums, combine_cox_event_times, cox_newton_from_risk_sets
+from common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_SUMMARIES, record_arrays, request
 from common.newton import ConvergenceError, NewtonSummary, RankDeficientError, start_newton, update_newton, wald_table
-from common.penalised import Penalty, PathSummary, cv_choice, run_path
+from common.penalised import Penalty, PathSummary, path_choice, run_path
 from common.study import Features, Model, Study, select_features
 from server.federation import Federation, StageFailed, StageTraffic
 
@@ -86,18 +87,36 @@ def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | Non
 
 def _evaluator(fed: Federation, sites: list[str], plan: dict, name: str, traffic: StageTraffic):
     def evaluate(points: np.ndarray) -> dict[tuple[int, int], PathSummary]:
-        targets = {s: fed.sites[s] for s in sites}
-        outcome = fed.ask("fit", traffic.rounds + 1, MODEL_SUMMARIES,
-                          {s: request(plan, points=points) for s in sites}, targets, traffic)
-        if outcome.failures:
-            raise _SiteDropped(outcome.failures)
-        parts = [record_arrays(c["arrays"]) for c in outcome.replies.values()]
+        parts = _ask_all(fed, sites, traffic, MODEL_SUMMARIES, plan, points=points)
         total = {k: sum(p[k] for p in parts) for k in parts[0]}
         return {(f, u): PathSummary(train=NewtonSummary(loglik=float(total["loglik"][f, u]), grad=total["grad"][f, u],
                                                         hess=total["hess"][f, u], n=int(total["n_train"][f]),
                                                         events=int(total["events"][f])),
                                     heldout=float(total["heldout"][f, u]))
                 for f in range(points.shape[0]) for u in range(points.shape[1])}
+    return evaluate
+
+
+def _ask_all(fed, sites, traffic, message_type, plan, **arrays) -> list[dict]:
+    outcome = fed.ask("fit", traffic.rounds + 1, message_type, {s: request(plan, **arrays) for s in sites},
+                      {s: fed.sites[s] for s in sites}, traffic)
+    if outcome.failures:
+        raise _SiteDropped(outcome.failures)
+    return [record_arrays(c["arrays"]) for c in outcome.replies.values()]
+
+
+def _risk_set_evaluator(fed, sites, plan, model: Model, traffic):
+    """Unstratified exact Cox: one round for the union of event times, then risk-set sums per round."""
+    grid = combine_cox_event_times([part["times"] for part in _ask_all(fed, sites, traffic, COX_EVENT_TIMES, plan)])
+    log(INFO, "fit: model '%s': %d distinct event times shared by %d sites", model.name, len(grid), len(sites))
+
+    def evaluate(points: np.ndarray) -> dict[tuple[int, int], PathSummary]:
+        beta = points[0, 0]
+        parts = _ask_all(fed, sites, traffic, COX_RISK_SETS, plan, beta=beta, grid=grid)
+        fields = ("d", "x_events", "s0", "s1", "s2", "s0_tied", "s1_tied", "s2_tied")
+        sums = RiskSetSums(times=grid, **{f: sum(p[f] for p in parts) for f in fields})
+        n = int(sum(p["n"][0] for p in parts))
+        return {(0, 0): PathSummary(train=cox_newton_from_risk_sets(sums, beta, ties=model.ties, n=n))}
     return evaluate
 
 
@@ -108,6 +127,8 @@ def _fit_once(fed, study, census, harmonise, model: Model, sites, traffic) -> di
     names = (["intercept"] if logistic else []) + plan["columns"]
     evaluate = _evaluator(fed, sites, plan, model.name, traffic)
     try:
+        if model.share_event_times:
+            evaluate = _risk_set_evaluator(fed, sites, plan, model, traffic)
         if model.penalty == "none":
             return _newton(evaluate, names, model, logistic)
         return _elastic_net(evaluate, names, model, logistic, cv)
@@ -145,8 +166,7 @@ def _elastic_net(evaluate, names, model: Model, logistic: bool, cv: int) -> dict
         beta0[0] = np.log(full.events / (full.n - full.events))
     state = run_path(evaluate, cv + 1, Penalty(model.l1_ratio, factors), beta0, n_lambdas=model.n_alphas,
                      min_ratio=model.alpha_min_ratio)
-    deviance = -2 * state.heldout[:-1]
-    chosen, mean, se = cv_choice(deviance, state.lambdas, model.rule)
+    chosen, _, mean, se = path_choice(state, model.rule)
     coef = state.best_beta[-1, chosen]
     return {
         "kind": model.kind, "penalty": "elasticnet", "converged": True, "l1_ratio": model.l1_ratio,

@@ -145,11 +145,13 @@ def submit(run_dir: Path, run_config: Path, cli_home: Path, echo) -> dict:
 class LocalFederation:
     """SuperLink + one SuperNode per site on loopback; a context manager that always cleans up."""
 
-    def __init__(self, workdir: Path, sites: dict[str, Path], *, echo=print, min_count: int | None = None):
+    def __init__(self, workdir: Path, sites: dict[str, Path], *, echo=print, min_count: int | None = None,
+                 allow_event_times: bool = False):
         self.workdir = Path(workdir).absolute()
         self.sites = {name: Path(store).absolute() for name, store in sites.items()}
         self.echo = echo
         self.min_count = min_count
+        self.allow_event_times = allow_event_times
         self.processes: dict[str, subprocess.Popen] = {}
         self.port = 0
 
@@ -180,6 +182,8 @@ class LocalFederation:
             node_config = f"store={json.dumps(str(store))} site-name={json.dumps(name)}"
             if self.min_count:
                 node_config += f" min-count={int(self.min_count)}"
+            if self.allow_event_times:
+                node_config += " allow-event-times=true"
             self._spawn(f"site-{name}", [flower_bin("flower-supernode"), "--insecure", "--superlink",
                                          f"127.0.0.1:{self.port}", "--port", str(free_port()),
                                          "--node-config", node_config])

@@ -52,3 +52,19 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
 
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+GBSG2_COLUMNS = ["age", "estrec", "pnodes", "progrec", "tsize"]
+
+
+@pytest.fixture(scope="session")
+def gbsg2():
+    """GBSG2 (686 patients, 299 recurrences; shipped with scikit-survival): the five numeric covariates
+    standardised, the survival outcome, and four random pseudo-sites (seed 0)."""
+    from sksurv.datasets import load_gbsg2
+
+    X, y = load_gbsg2()
+    Xn = X[GBSG2_COLUMNS].astype(float)
+    Xn = (Xn - Xn.mean()) / Xn.std()
+    site = np.random.default_rng(0).choice(["A", "B", "C", "D"], size=len(Xn))
+    return Xn, y, site

@@ -142,3 +142,14 @@ def test_guard_rules():
     # an identifier inside a longer token (a hash) is not a match
     check_reply(RecordDict({"c": ConfigRecord({"h": "aP12b"})}), Disclosure(n_cases=6, identifiers=ids), min_count=5)
     assert scrub("P12 and P13, not aP12b", ids) == "<case> and <case>, not aP12b"
+
+
+def test_event_times_leave_only_with_the_sites_consent(store):
+    plan = {"study": parse_study({}).model_dump(mode="json"), "data": "features", "reference": "",
+            "model": {"name": "cox_all", "kind": "cox", "seed": 0}, "columns": ["age"], "time": "time",
+            "event": "event"}
+    message = Message(request(plan), dst_node_id=3, message_type="query.cox_event_times")
+    refused = app(message, _context(store))
+    assert refused.has_error() and "has not allowed it" in refused.error.reason
+    allowed = app(message, _context(store, **{"allow-event-times": "true"}))
+    assert not allowed.has_error() and allowed.content["arrays"]["times"].numpy().ndim == 1

@@ -11,23 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.linear_model import Lasso
-from sksurv.datasets import load_gbsg2
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 
 from common.cox import FederatedCoxnetCV, site_cox_newton
 from common.penalised import Penalty, cv_choice, fold_ids, solve_penalised_quadratic
-
-COLUMNS = ["age", "estrec", "pnodes", "progrec", "tsize"]
-
-
-@pytest.fixture(scope="module")
-def gbsg2():
-    X, y = load_gbsg2()
-    Xn = X[COLUMNS].astype(float)
-    Xn = (Xn - Xn.mean()) / Xn.std()
-    site = np.random.default_rng(0).choice(["A", "B", "C", "D"], size=len(Xn))
-    return Xn, y, site
-
 
 @pytest.fixture(scope="module")
 def fitted(gbsg2):

@@ -23,11 +23,12 @@ demo: $(STAMP)
 
 # loadfile: a test file's federation (SuperLink + SuperNodes) serves all its tests on one worker.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=8 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/extraction.py
 	$(BIN)/python bench/federation.py
+	$(BIN)/python bench/models.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

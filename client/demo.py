@@ -81,6 +81,8 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
         plot_scanner_effect(stores, results["harmonise"]["sites"], effects["features"].iloc[1],
                             out / "scanner_effect.png")
         console.print(f"plot: {out / 'scanner_effect.png'}")
+        for name, model in results["models"].items():
+            console.print(table_of(model_table(model), model_title(name, model)))
     console.print(f"wall time {time.perf_counter() - started:.0f} s")
     return summary
 
@@ -88,7 +90,7 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
 DEMO_STUDY = """\
 [study]
 name = "demo-sarcoma"
-stages = ["census", "harmonise"]
+stages = ["census", "harmonise", "fit"]
 
 [features]
 include = ["*__original_*"]
@@ -104,6 +106,22 @@ min_count = 5
 
 [federation]
 min_sites = 2
+
+[[models]]                  # the Rad-score: elastic-net Cox on harmonised venous features, CV folds local to sites
+name = "rad_score"
+kind = "cox"
+features = ["venous__original_firstorder_*", "venous__original_shape_*"]
+penalty = "elasticnet"
+l1_ratio = 0.9              # a little ridge: some of these features are exact linear combinations of others
+cv_folds = 5
+n_alphas = 20
+rule = "1se"
+ties = "breslow"
+
+[[models]]                  # the clinical model: Cox stratified by site
+name = "clinical"
+kind = "cox"
+clinical = ["age", "size_cm", "grade", "ki67"]
 """
 
 
@@ -148,3 +166,20 @@ def plot_scanner_effect(stores: dict[str, Path], sites: list[str], feature: str,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def model_table(model: dict) -> pd.DataFrame:
+    if model["penalty"] == "none":
+        table = pd.DataFrame(model["table"])
+        return table[["covariate", "coef", "HR", "HR lower 95%", "HR upper 95%", "p"]].round(4)
+    chosen = {k: v for k, v in model["coefficients"].items() if v != 0}
+    return pd.DataFrame({"feature": list(chosen), "coef": [round(v, 4) for v in chosen.values()]})
+
+
+def model_title(name: str, model: dict) -> str:
+    if model["penalty"] == "none":
+        return (f"model '{name}': Cox stratified by site, {model['n']} cases, {model['events']} events, "
+                f"{model['rounds']} round trips")
+    return (f"model '{name}': elastic-net Cox (l1_ratio {model['l1_ratio']}), {len(model['selected'])} of {len(model['coefficients'])} features at "
+            f"lambda={model['alpha']:.4g} ({model['rule']} rule, {model['cv_folds']}-fold CV local to sites), "
+            f"{model['rounds']} round trips")

@@ -20,7 +20,6 @@ from client.store import FEATURES, FeatureStore
 from common import schemas
 from common.cox import site_cox_event_times, site_cox_newton, site_cox_risk_sets
 from common.errors import FedradError, StoreError
-from common.logistic import site_logistic_newton
 from common.messages import arrays_record
 from common.penalised import site_fold_ids
 
@@ -86,6 +85,8 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
     def summary(rows, beta):
         if model["kind"] == "cox":
             return site_cox_newton(X[rows], outcome[0][rows], outcome[1][rows], beta, ties=model["ties"])
+        from common.logistic import site_logistic_newton  # scikit-learn costs ~1 s per message: only when needed
+
         return site_logistic_newton(X[rows], outcome[0][rows], beta)
 
     everyone = np.arange(len(ids))

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sksurv.metrics import concordance_index_censored
-from sksurv.util import check_y_survival
 
 from common.errors import FedradError
 from common.newton import (ConvergenceWarning, NewtonSummary, combine_newton, start_newton, update_newton,
@@ -195,6 +193,8 @@ class FederatedCoxPH:
         self.max_iter = max_iter
 
     def _check(self, X, y, site):
+        from sksurv.util import check_y_survival  # imported here: sites import this module for every message
+
         if self.ties not in TIES:
             raise ValueError(f"ties must be one of {TIES}, got {self.ties!r}")
         names = list(X.columns) if isinstance(X, pd.DataFrame) else [f"x{i}" for i in range(np.shape(X)[1])]
@@ -251,6 +251,9 @@ class FederatedCoxPH:
 
     def score(self, X, y) -> float:
         """Harrell's C-index of the risk score."""
+        from sksurv.metrics import concordance_index_censored
+        from sksurv.util import check_y_survival
+
         event, time = check_y_survival(y)
         return concordance_index_censored(event, time, self.predict(X))[0]
 
@@ -332,6 +335,4 @@ class FederatedCoxnetCV:
     def predict(self, X) -> np.ndarray:
         return np.asarray(X, dtype=float) @ self.coef_
 
-    def score(self, X, y) -> float:
-        event, time = check_y_survival(y)
-        return concordance_index_censored(event, time, self.predict(X))[0]
+    score = FederatedCoxPH.score

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
-from scipy import linalg, stats
+from scipy import linalg
 
 from common.errors import FedradError
 
@@ -155,6 +155,8 @@ def newton_fit(evaluate, n_params: int, *, ridge: float = 0.0, tol: float = 1e-1
 def wald_table(beta: np.ndarray, hess: np.ndarray, names: list[str], *, exp_name: str = "HR",
                alpha: float = 0.05) -> pd.DataFrame:
     """Coefficients, standard errors, exp(coef) with CI, Wald z and p from the (pooled) Hessian."""
+    from scipy import stats  # ~0.5 s to import; sites import this module for every message
+
     cov = linalg.inv(-hess)
     se = np.sqrt(np.diag(cov))
     z = beta / se

@@ -22,6 +22,7 @@ from client.ledger import append_entry
 from client.privacy import PrivacyRefusal, check_reply, scrub
 from client.site_census import census_reply
 from client.site_data import site_log
+from client.site_select import select_sums_reply
 from client.site_fit import event_times_reply, model_summaries_reply, risk_sets_reply
 from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, zscore_reply
 from client.store import open_store
@@ -132,3 +133,8 @@ def cox_event_times(msg: Message, context: Context) -> Message:
 def cox_risk_sets(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
                   risk_sets_reply(store, plan, site, _arrays(msg), _allows_event_times(context)))
+
+
+@app.query("select_sums")
+def select_sums(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count: select_sums_reply(store, plan, min_count))

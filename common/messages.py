@@ -19,6 +19,7 @@ COMBAT_RESIDUALS = "query.combat_residuals"
 COMBAT_ADJUST = "query.combat_adjust"
 ZSCORE_APPLY = "query.zscore_apply"
 MODEL_SUMMARIES = "query.model_summaries"
+SELECT_SUMS = "query.select_sums"
 COX_EVENT_TIMES = "query.cox_event_times"
 COX_RISK_SETS = "query.cox_risk_sets"
 
@@ -30,7 +31,7 @@ SITE_FAILED = 902
 #: the stage each message type belongs to (the ledger names it).
 STAGE_OF = {CENSUS: "census", COMBAT_MOMENTS: "harmonise", COMBAT_RESIDUALS: "harmonise",
             COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise", MODEL_SUMMARIES: "fit",
-            COX_EVENT_TIMES: "fit", COX_RISK_SETS: "fit"}
+            COX_EVENT_TIMES: "fit", COX_RISK_SETS: "fit", SELECT_SUMS: "select"}
 
 
 def arrays_record(**arrays) -> ArrayRecord:

@@ -44,10 +44,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.errors import FedradError
 
-__all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features", "STAGES", "SITE_BATCH"]
+__all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features", "STAGES", "SITE_BATCH", "SELECTED"]
 
 #: stages in the order a study runs them (later issues add select, evaluate, package).
-STAGES = ("census", "harmonise", "fit")
+STAGES = ("census", "harmonise", "select", "fit")
+#: the model feature entry that stands for the `select` stage's result.
+SELECTED = "@select"
 #: the batch name meaning "each site is its own batch".
 SITE_BATCH = "site"
 
@@ -106,12 +108,25 @@ class Harmonise(_Section):
         return self
 
 
+class Select(_Section):
+    """The `select` stage: ICC filter, univariate screen with FDR control, mRMR."""
+
+    features: tuple[str, ...] = ("*",)      # candidate globs over the store's features
+    exclude: tuple[str, ...] = ()
+    icc_threshold: float = Field(0.8, ge=-1, le=1)
+    icc_kind: Literal["3,1", "2,1"] = "3,1"
+    fdr: float = Field(0.05, gt=0, le=1)
+    max_features: int = Field(20, ge=1)
+    outcome: Literal["cox", "logistic"] = "cox"
+    binary_outcome: str = ""
+
+
 class Model(_Section):
     """One model of the `fit` stage (a Rad-score, a clinical model, a nomogram...)."""
 
     name: str
     kind: Literal["cox", "logistic"] = "cox"
-    features: tuple[str, ...] = ()          # globs over the store's feature columns
+    features: tuple[str, ...] = ()          # globs over the store's feature columns, or "@select"
     clinical: tuple[str, ...] = ()          # numeric clinical columns, used as they are
     binary_outcome: str = ""                # logistic: a 0/1 column (default: [outcome].event)
     penalty: Literal["none", "elasticnet"] = "none"
@@ -159,12 +174,16 @@ class Study(_Section):
     harmonise: Harmonise = Harmonise()
     privacy: Privacy = Privacy()
     federation: Federation = Federation()
+    select: Select = Select()
     models: tuple[Model, ...] = ()
 
     @model_validator(mode="after")
     def _models_for_fit(self):
         if "fit" in self.study.stages and not self.models:
             raise ValueError("stage 'fit' needs at least one [[models]] entry")
+        for m in self.models:
+            if SELECTED in m.features and "select" not in self.study.stages:
+                raise ValueError(f"model '{m.name}' uses \"{SELECTED}\" but the study has no 'select' stage")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("two [[models]] have the same name")
@@ -197,7 +216,7 @@ def load_study(path: Path) -> Study:
     if not path.is_file():
         raise StudyError(f"study file '{path}' does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise StudyError(f"study file '{path}' is not valid TOML: {exc}") from None
     return parse_study(data, source=f"study file '{path}'")

@@ -21,7 +21,7 @@ from common.cox import RiskSetSums, combine_cox_event_times, cox_newton_from_ris
 from common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_SUMMARIES, record_arrays, request
 from common.newton import ConvergenceError, NewtonSummary, RankDeficientError, start_newton, update_newton, wald_table
 from common.penalised import Penalty, PathSummary, path_choice, run_path
-from common.study import Features, Model, Study, select_features
+from common.study import SELECTED, Features, Model, Study, select_features
 from server.federation import Federation, StageFailed, StageTraffic
 
 MAX_NEWTON_ROUNDS = 50
@@ -32,16 +32,21 @@ class _SiteDropped(Exception):
         self.failures = failures
 
 
-def run_fit(fed: Federation, study: Study, census: dict, harmonise: dict | None) -> dict:
+def run_fit(fed: Federation, study: Study, census: dict, harmonise: dict | None, select: dict | None = None) -> dict:
     traffic = StageTraffic()
     models = {}
+    selected = select["selected"] if select else []
     for model in study.models:
-        models[model.name] = fit_model(fed, study, census, harmonise, model, traffic)
+        models[model.name] = fit_model(fed, study, census, harmonise, model, traffic, selected)
     return {"models": models, "traffic": traffic.summary()}
 
 
-def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model, cv_folds: int) -> dict:
-    features = select_features(census["features"], Features(include=model.features)) if model.features else []
+def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model, cv_folds: int,
+               selected: list[str]) -> dict:
+    globs = tuple(g for g in model.features if g != SELECTED)
+    features = list(selected) if SELECTED in model.features else []
+    features += [f for f in select_features(census["features"], Features(include=globs)) if f not in features] \
+        if globs else []
     if model.features and not features:
         raise StageFailed(f"fit: model '{model.name}': no feature matches {list(model.features)}")
     return {
@@ -55,7 +60,7 @@ def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model,
 
 
 def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | None, model: Model,
-              traffic: StageTraffic) -> dict:
+              traffic: StageTraffic, selected: list[str]) -> dict:
     sites = [s for s in census["sites"] if s in fed.sites]
     left_out: dict[str, str] = {}
     while True:
@@ -64,7 +69,7 @@ def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | Non
                               f"{study.federation.min_sites}; " + "; ".join(f"{s}: {r}" for s, r in left_out.items()))
         model_traffic = StageTraffic()
         try:
-            result = _fit_once(fed, study, census, harmonise, model, sites, model_traffic)
+            result = _fit_once(fed, study, census, harmonise, model, sites, model_traffic, selected)
             break
         except _SiteDropped as dropped:
             left_out.update(dropped.failures)
@@ -120,9 +125,9 @@ def _risk_set_evaluator(fed, sites, plan, model: Model, traffic):
     return evaluate
 
 
-def _fit_once(fed, study, census, harmonise, model: Model, sites, traffic) -> dict:
+def _fit_once(fed, study, census, harmonise, model: Model, sites, traffic, selected) -> dict:
     cv = model.cv_folds if model.penalty == "elasticnet" else 0
-    plan = model_plan(study, census, harmonise, model, cv)
+    plan = model_plan(study, census, harmonise, model, cv, selected)
     logistic = model.kind == "logistic"
     names = (["intercept"] if logistic else []) + plan["columns"]
     evaluate = _evaluator(fed, sites, plan, model.name, traffic)

@@ -61,7 +61,8 @@ expected-sites = 0
 
 CONNECTION = "fedrad"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+             "PYTHONIOENCODING": "utf-8"}
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -124,9 +125,10 @@ def submit(run_dir: Path, run_config: Path, cli_home: Path, echo) -> dict:
         results_path.unlink()
     command = [flower_bin("flwr"), "run", str(run_dir / "app"), CONNECTION, "--stream", "--run-config", str(run_config)]
     env = flower_env(cli_home)
-    with open(run_dir / "logs" / "flwr-run.log", "a") as log_file, \
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True) as proc:
+    # UTF-8 whatever the locale: Flower's and fedrad's messages hold non-ASCII (—, ≥), and CI may run with LANG=C.
+    with open(run_dir / "logs" / "flwr-run.log", "a", encoding="utf-8") as log_file, \
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+                             errors="replace", start_new_session=True) as proc:
         try:
             for line in proc.stdout:
                 log_file.write(line)
@@ -194,7 +196,7 @@ class LocalFederation:
         home = self.workdir / "flwr" / name
         home.mkdir(parents=True, exist_ok=True)
         env = flower_env(home)
-        with open(self.workdir / "logs" / f"{name}.log", "w") as log_file:
+        with open(self.workdir / "logs" / f"{name}.log", "w", encoding="utf-8") as log_file:
             self.processes[name] = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                                     start_new_session=True)
 
@@ -214,7 +216,8 @@ class LocalFederation:
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         path = self.workdir / "logs" / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]) \
+            if path.exists() else ""
 
     def run_study(self, study_path: Path, run_dir: Path | None = None) -> dict:
         run_dir = Path(run_dir or self.workdir).absolute()

@@ -27,6 +27,7 @@ from common.study import Study, load_study
 from server.census import run_census
 from server.federation import Federation, StageFailed
 from server.fit import run_fit
+from server.select import run_select
 from server.harmonise import eligible_sites, run_harmonise
 from server.runlog import RunLog
 
@@ -94,8 +95,12 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
             runlog.save_result("harmonise", key, harmonise)
             for level, iterations in harmonise["eb_iterations"].items():
                 runlog.figure("harmonise", f"EB iterations, batch '{level}'", iterations)
+    if "select" in study.study.stages:
+        results["select"] = _stage(runlog, results, "select",
+                                   lambda: run_select(fed, study, census, results.get("harmonise")))
     if "fit" in study.study.stages:
-        fit = _stage(runlog, results, "fit", lambda: run_fit(fed, study, census, results.get("harmonise")))
+        fit = _stage(runlog, results, "fit", lambda: run_fit(fed, study, census, results.get("harmonise"),
+                                                             results.get("select")))
         results["models"] = fit["models"]
         for name, model in fit["models"].items():
             runlog.figure("fit", f"rounds, model '{name}'", model["rounds"])

@@ -16,7 +16,9 @@ from sklearn.linear_model import LogisticRegression
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
 
+from common.correlation import mrmr, relevance_from_statistic
 from common.cox import FederatedCoxnetCV
+from common.screen import combine_cox_screen, site_cox_screen, update_cox_screen
 from server.local import LocalFederation
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import write_study
@@ -26,7 +28,17 @@ COX = ["original_firstorder_F00", "original_firstorder_F03", "original_firstorde
 STUDY = """
 [study]
 name = "models"
-stages = ["census", "fit"]
+stages = ["census", "select", "fit"]
+
+[select]
+features = ["table__original_firstorder_F0*"]
+fdr = 1.0                  # these features carry no signal by construction: keep all, let mRMR pick
+max_features = 3
+
+[[models]]
+name = "selected_cox"
+kind = "cox"
+features = ["@select"]
 
 [[models]]
 name = "rad_cox"
@@ -67,11 +79,11 @@ def fitted(tmp_path_factory):
     with LocalFederation(root / "flower", stores, echo=print, allow_event_times=True) as fed:
         results = fed.run_study(write_study(root / "study.toml", STUDY), root / "run")
     assert results["status"] == "completed", results.get("error")
-    return table, results["models"]
+    return table, results["models"], results["select"]
 
 
 def test_stratified_cox_equals_lifelines(fitted):
-    table, models = fitted
+    table, models, _ = fitted
     frame = table[COX + ["age", "time", "event", "site"]]
     ref = CoxPHFitter().fit(frame, "time", "event", strata=["site"],
                             fit_options={"precision": 1e-12, "r_precision": 1e-14})
@@ -88,7 +100,7 @@ def test_stratified_cox_equals_lifelines(fitted):
 def test_unstratified_cox_with_shared_event_times_equals_sksurv(fitted):
     """Reference: scikit-survival (Efron, tol 1e-14). On these raw-scale features lifelines stops with a
     gradient of 2.6e-5 (its coefficients then differ by 1.1e-6 relative); sksurv and fedrad reach ~1e-11."""
-    table, models = fitted
+    table, models, _ = fitted
     y = Surv.from_arrays(table["event"].astype(bool), table["time"])
     ref = CoxPHSurvivalAnalysis(ties="efron", tol=1e-14, n_iter=1000).fit(table[COX + ["age"]], y)
     got = models["rad_cox_unstratified"]
@@ -99,7 +111,7 @@ def test_unstratified_cox_with_shared_event_times_equals_sksurv(fitted):
 
 
 def test_logistic_equals_sklearn(fitted):
-    table, models = fitted
+    table, models, _ = fitted
     X = table[["original_firstorder_F01", "age"]].to_numpy()
     ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=100_000, solver="newton-cg").fit(X, table["event"])
     got = models["clin_logit"]["coefficients"]
@@ -108,7 +120,7 @@ def test_logistic_equals_sklearn(fitted):
 
 
 def test_lasso_path_with_site_local_cv_equals_in_process_reference(fitted):
-    table, models = fitted
+    table, models, _ = fitted
     got = models["rad_lasso"]
     columns = [c for c in table.columns if c.startswith("original_firstorder_F0")]
     y = Surv.from_arrays(table["event"].astype(bool), table["time"])
@@ -118,3 +130,20 @@ def test_lasso_path_with_site_local_cv_equals_in_process_reference(fitted):
     np.testing.assert_allclose(got["cv_mean"], ref.cv_mean_, rtol=1e-8)
     assert got["alpha"] == ref.alpha_
     assert got["rounds"] <= 12  # 3 folds x 8 λ values, all in the same messages
+
+
+def test_select_equals_pooled_screen_correlation_and_mrmr(fitted):
+    table, models, select = fitted
+    columns = [f"original_firstorder_F0{j}" for j in range(10)]
+    groups = [table[table["site"] == s] for s in ("siteA", "siteB", "siteC")]
+    screen = update_cox_screen(combine_cox_screen([
+        site_cox_screen(g[columns].to_numpy(), g["time"].to_numpy(), g["event"].to_numpy().astype(bool)) for g in groups]))
+    correlation = np.corrcoef(table[columns].to_numpy(), rowvar=False)
+    expected = mrmr(relevance_from_statistic(screen.statistic, screen.events), correlation, 3)
+    assert select["selected"] == [f"table__{columns[i]}" for i in expected]
+    assert select["icc"]["used"] is False and select["screen"]["kept"] == 10 and select["mrmr"]["kept"] == 3
+    assert select["traffic"]["rounds"] == 1
+    ref = CoxPHFitter().fit(table[[columns[i] for i in expected] + ["time", "event", "site"]], "time", "event",
+                            strata=["site"], fit_options={"precision": 1e-12, "r_precision": 1e-14})
+    got = models["selected_cox"]["coefficients"]
+    np.testing.assert_allclose([got[f"table__{columns[i]}"] for i in expected], ref.params_.to_numpy(), rtol=1e-6)

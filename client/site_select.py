@@ -1,0 +1,65 @@
+"""Feature-selection sums at a site: the site half of `server/select.py`, in one message.
+
+Reproducibility (ICC) uses the original features of cases with a repeat delineation
+(features.parquet vs features_repeat.parquet); the univariate screens and the correlation
+matrix use the rows the models will see (standardised when the study harmonised).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from flwr.app import MetricRecord, RecordDict
+
+from client.privacy import Disclosure
+from client.site_fit import model_table
+from client.store import FeatureStore
+from common import schemas
+from common.correlation import site_correlation
+from common.errors import StoreError
+from common.icc import site_icc
+from common.messages import arrays_record
+from common.screen import site_cox_screen, site_logistic_screen
+
+
+def select_sums_reply(store: FeatureStore, plan: dict, min_count: int) -> tuple[RecordDict, Disclosure]:
+    features = plan["features"]
+    table = model_table(store, plan)
+    absent = [c for c in features if c not in table.columns]
+    if absent:
+        raise StoreError(f"select: the store lacks {len(absent)} candidate feature(s), e.g. {absent[:3]}")
+    X = table[features].to_numpy(dtype=float)
+    if plan["outcome"] == "logistic":
+        y = pd.to_numeric(table[plan["binary_outcome"]], errors="coerce")
+        keep = y.notna().to_numpy()
+        screen = site_logistic_screen(X[keep], y[keep].to_numpy(dtype=float))
+        screen_arrays = dict(screen_mean=screen.mean, screen_sxy=screen.sxy, screen_m2=screen.m2)
+    else:
+        screen = site_cox_screen(X, table[plan["time"]].to_numpy(dtype=float),
+                                 table[plan["event"]].to_numpy(dtype=bool), ties=plan["ties"])
+        screen_arrays = dict(screen_score=screen.score, screen_information=screen.information)
+    cross = site_correlation(X)
+    arrays = dict(screen_arrays, corr_mean=cross.mean, corr_m=cross.m)
+    counts = {"n": len(table), "screen_n": int(screen.n), "screen_events": int(screen.events), "icc_n": 0}
+    repeats = _repeat_measurements(store, features)
+    groups = {}
+    if repeats is not None and len(repeats) >= min_count:
+        icc = site_icc(repeats)
+        arrays.update(icc_rater_mean=icc.rater_mean, icc_ss_cases=icc.ss_cases, icc_ss_error=icc.ss_error)
+        counts["icc_n"] = icc.n
+        groups["cases with a repeat delineation"] = icc.n
+    ids = frozenset(table[schemas.ID].astype(str))
+    return (RecordDict({"arrays": arrays_record(**arrays), "counts": MetricRecord(counts)}),
+            Disclosure(n_cases=len(table), groups=groups, identifiers=ids))
+
+
+def _repeat_measurements(store: FeatureStore, features: list[str]) -> np.ndarray | None:
+    """(n_cases, 2, n_features) original features, first and repeat delineation, or None without repeats."""
+    if store.repeat is None or not all(c in store.repeat.columns for c in features):
+        return None
+    first = store.features.set_index(schemas.ID)
+    repeat = store.repeat.set_index(schemas.ID)
+    both = [pid for pid in repeat.index if pid in first.index]
+    if not both:
+        return None
+    return np.stack([first.loc[both, features].to_numpy(float), repeat.loc[both, features].to_numpy(float)], axis=1)

@@ -51,6 +51,9 @@ class Disclosure:
     n_cases: int
     groups: dict[str, int] = field(default_factory=dict)
     identifiers: frozenset[str] = frozenset()
+    #: lengths of axes the handler vouches are not per-case (features, λ points, folds): an array
+    #: axis as long as the number of cases is accepted only if its length is declared here.
+    shared_axes: frozenset[int] = frozenset()
 
 
 def check_reply(content: RecordDict, disclosure: Disclosure, min_count: int) -> None:
@@ -68,7 +71,7 @@ def check_reply(content: RecordDict, disclosure: Disclosure, min_count: int) -> 
             name = f"{record_name}.{key}"
             if np.dtype(array.dtype).kind not in "biuf":
                 raise PrivacyRefusal(f"array '{name}' has dtype {array.dtype}; only numbers may leave the site")
-            if n > 1 and n in tuple(array.shape):
+            if n > 1 and n in tuple(array.shape) and n not in disclosure.shared_axes:
                 raise PrivacyRefusal(
                     f"array '{name}' has shape {tuple(array.shape)}: an axis as long as the number of cases "
                     f"({n}) is a per-patient array")

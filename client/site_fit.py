@@ -15,7 +15,7 @@ import pandas as pd
 from flwr.app import RecordDict
 
 from client.privacy import Disclosure
-from client.site_data import HARMONISED_META, STANDARDISED, site_log
+from client.site_data import HARMONISED, HARMONISED_META, STANDARDISED, site_log
 from client.store import FEATURES, FeatureStore
 from common import schemas
 from common.cox import site_cox_event_times, site_cox_newton, site_cox_risk_sets
@@ -26,17 +26,18 @@ from common.penalised import site_fold_ids
 
 def model_table(store: FeatureStore, plan: dict) -> pd.DataFrame:
     """The rows the model sees: standardised (harmonised, z-scored) features when the study harmonised."""
-    if plan["data"] == "standardised":
+    if plan["data"] in ("standardised", "harmonised"):
         meta_path = store.path / HARMONISED_META
         if not meta_path.is_file() or json.loads(meta_path.read_text()).get("reference") != plan["reference"]:
-            raise StoreError("this site's standardised features are not from the study's harmonisation; "
+            raise StoreError(f"this site's {plan['data']} features are not from the study's harmonisation; "
                              "rerun the harmonise stage")
-        return pd.read_parquet(store.path / STANDARDISED)
+        return pd.read_parquet(store.path / (STANDARDISED if plan["data"] == "standardised" else HARMONISED))
     return pd.read_parquet(store.path / FEATURES)
 
 
 def model_inputs(store: FeatureStore, plan: dict, site: str):
-    """(ids, X, outcome) of the rows usable for the model; rows without a binary outcome are left out (logged)."""
+    """(ids, X, outcome, left_out) of the rows usable for the model; rows without a binary outcome are left
+    out (logged, and declared as a group: their sums could be recovered by difference with other stages')."""
     table = model_table(store, plan)
     model = plan["model"]
     columns = plan["columns"]
@@ -53,22 +54,24 @@ def model_inputs(store: FeatureStore, plan: dict, site: str):
             site_log(store.path, f"model '{model['name']}': no '{outcome}' for (left out): "
                      + ", ".join(table.loc[missing, schemas.ID].astype(str)))
         table, y = table[~missing], y[~missing]
+        left_out = int(missing.sum())
         if not y.isin([0, 1]).all():
             raise StoreError(f"model '{model['name']}': column '{outcome}' must be 0/1")
         outcome_values = (y.to_numpy(dtype=float),)
     else:
         outcome_values = (table[plan["time"]].to_numpy(dtype=float), table[plan["event"]].to_numpy(dtype=bool))
+        left_out = 0
     X = table[columns].to_numpy(dtype=float)
     bad = [c for c, ok in zip(columns, np.isfinite(X).all(axis=0)) if not ok]
     if bad:
         raise StoreError(f"model '{model['name']}': missing values in {len(bad)} column(s), e.g. {bad[:3]}")
     if model["kind"] == "logistic":
         X = np.hstack([np.ones((len(X), 1)), X])  # the intercept is the first coefficient
-    return table[schemas.ID].astype(str).to_numpy(), X, outcome_values
+    return table[schemas.ID].astype(str).to_numpy(), X, outcome_values, left_out
 
 
 def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
-    ids, X, outcome = model_inputs(store, plan, site)
+    ids, X, outcome, left_out = model_inputs(store, plan, site)
     model = plan["model"]
     points = arrays["points"]  # (F, U, p)
     n_cv = int(plan["cv_folds"])
@@ -102,9 +105,11 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
                 else:
                     heldout[f, u] = summary(everyone[folds == f], points[f, u]).loglik
     groups = {f"fold {k} held-out": int(np.sum(folds == k)) for k in range(n_folds - 1)}
+    groups["cases without the outcome"] = left_out
     content = RecordDict({"arrays": arrays_record(loglik=loglik, grad=grad, hess=hess, heldout=heldout,
                                                   n_train=n_train, events=events)})
-    return content, Disclosure(n_cases=len(ids), groups=groups, identifiers=frozenset(ids))
+    return content, Disclosure(n_cases=len(ids), groups=groups, identifiers=frozenset(ids),
+                               shared_axes=frozenset({n_folds, n_points, p}))
 
 
 class EventTimesNotAllowed(FedradError):
@@ -115,13 +120,14 @@ def _check_allowed(allowed: bool, model: dict) -> None:
     if not allowed:
         raise EventTimesNotAllowed(
             f"model '{model['name']}' is an unstratified Cox model (share_event_times), which discloses this site's "
-            "event times; the site has not allowed it (SuperNode node config allow-event-times=true)")
+            "event times and, at times with a single event or few patients at risk, those patients' covariates; "
+            "the site has not allowed it (SuperNode node config allow-event-times=true)")
 
 
 def event_times_reply(store: FeatureStore, plan: dict, site: str, allowed: bool) -> tuple[RecordDict, Disclosure]:
     """This site's distinct event times: only with the site's explicit consent."""
     _check_allowed(allowed, plan["model"])
-    ids, _, (time, event) = model_inputs(store, plan, site)
+    ids, _, (time, event), _ = model_inputs(store, plan, site)
     times = site_cox_event_times(time, event)
     site_log(store.path, f"shared {len(times)} distinct event times for model '{plan['model']['name']}'")
     return RecordDict({"arrays": arrays_record(times=times)}), Disclosure(n_cases=len(ids), identifiers=frozenset(ids))
@@ -131,9 +137,10 @@ def risk_sets_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
                     allowed: bool) -> tuple[RecordDict, Disclosure]:
     """Risk-set sums on the coordinator's event-time grid at β (unstratified exact Cox, WebDISCO-style)."""
     _check_allowed(allowed, plan["model"])
-    ids, X, (time, event) = model_inputs(store, plan, site)
+    ids, X, (time, event), _ = model_inputs(store, plan, site)
     sums = site_cox_risk_sets(X, time, event, arrays["beta"], arrays["grid"])
     content = RecordDict({"arrays": arrays_record(
         d=sums.d, x_events=sums.x_events, s0=sums.s0, s1=sums.s1, s2=sums.s2, s0_tied=sums.s0_tied,
         s1_tied=sums.s1_tied, s2_tied=sums.s2_tied, n=np.array([len(ids)]))})
-    return content, Disclosure(n_cases=len(ids), identifiers=frozenset(ids))
+    return content, Disclosure(n_cases=len(ids), identifiers=frozenset(ids),
+                               shared_axes=frozenset({len(arrays["grid"]), X.shape[1]}))

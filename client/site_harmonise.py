@@ -6,6 +6,8 @@ computed from) and leaves the adjusted rows in the store.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 from flwr.app import MetricRecord, RecordDict
@@ -21,6 +23,10 @@ from common.messages import arrays_record
 from common.zscore import ZScale, site_zscore_apply, site_zscore_moments
 
 
+def _features_axis(disclosure: Disclosure, y) -> Disclosure:
+    return replace(disclosure, shared_axes=disclosure.shared_axes | {y.shape[1]})
+
+
 def _disclosure(ids, X, spec) -> Disclosure:
     """Groups the sums are taken over: each batch level and each level of each categorical
     covariate (a one-case level would make its row of Xᵀy that patient's features)."""
@@ -32,13 +38,15 @@ def _disclosure(ids, X, spec) -> Disclosure:
         groups[f"covariate '{name}' level '{levels[0]}'"] = int(len(X) - dummies.sum())
         groups.update({f"covariate '{name}' level '{lv}'": int(c) for lv, c in zip(levels[1:], dummies.sum(axis=0))})
         column += len(levels) - 1
-    return Disclosure(n_cases=len(ids), identifiers=frozenset(ids), groups=groups)
+    return Disclosure(n_cases=len(ids), identifiers=frozenset(ids), groups=groups,
+                      shared_axes=frozenset({X.shape[1], spec.n_batch}))
 
 
 def moments_reply(store: FeatureStore, plan: dict, site: str) -> tuple[RecordDict, Disclosure]:
     ids, y, X, spec = harmonise_inputs(store.features, plan, site)
     m = site_combat_moments(y, X, spec)
-    return RecordDict({"arrays": arrays_record(xtx=m.xtx, xty=m.xty, n_batch=m.n_batch)}), _disclosure(ids, X, spec)
+    return (RecordDict({"arrays": arrays_record(xtx=m.xtx, xty=m.xty, n_batch=m.n_batch)}),
+            _features_axis(_disclosure(ids, X, spec), y))
 
 
 def residuals_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
@@ -47,7 +55,7 @@ def residuals_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) ->
     r = site_combat_residuals(y, X, fit)
     content = RecordDict({"arrays": arrays_record(ss_resid=r.ss_resid, sum_r=r.sum_r, sum_r2=r.sum_r2,
                                                   n_batch=r.n_batch)})
-    return content, _disclosure(ids, X, spec)
+    return content, _features_axis(_disclosure(ids, X, spec), y)
 
 
 def adjust_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:
@@ -61,7 +69,7 @@ def adjust_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run_i
     })
     z = site_zscore_moments(adjusted)
     content = RecordDict({"arrays": arrays_record(mean=z.mean, m2=z.m2), "counts": MetricRecord({"n": z.n})})
-    return content, _disclosure(ids, X, spec)
+    return content, _features_axis(_disclosure(ids, X, spec), y)
 
 
 def zscore_reply(store: FeatureStore, plan: dict, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:

@@ -32,25 +32,30 @@ def select_sums_reply(store: FeatureStore, plan: dict, min_count: int) -> tuple[
     if plan["outcome"] == "logistic":
         y = pd.to_numeric(table[plan["binary_outcome"]], errors="coerce")
         keep = y.notna().to_numpy()
+        groups = {"cases without the outcome": int((~keep).sum())}
         screen = site_logistic_screen(X[keep], y[keep].to_numpy(dtype=float))
         screen_arrays = dict(screen_mean=screen.mean, screen_sxy=screen.sxy, screen_m2=screen.m2)
     else:
         screen = site_cox_screen(X, table[plan["time"]].to_numpy(dtype=float),
                                  table[plan["event"]].to_numpy(dtype=bool), ties=plan["ties"])
         screen_arrays = dict(screen_score=screen.score, screen_information=screen.information)
+        groups = {}
     cross = site_correlation(X)
     arrays = dict(screen_arrays, corr_mean=cross.mean, corr_m=cross.m)
     counts = {"n": len(table), "screen_n": int(screen.n), "screen_events": int(screen.events), "icc_n": 0}
     repeats = _repeat_measurements(store, features)
-    groups = {}
-    if repeats is not None and len(repeats) >= min_count:
+    # ICC sums cover the repeat cases; with the site totals they also give the other cases' sums by
+    # difference, so both groups must reach min_count (else the site sends no ICC sums at all).
+    others = len(table) - (0 if repeats is None else len(repeats))
+    if repeats is not None and len(repeats) >= min_count and (others == 0 or others >= min_count):
         icc = site_icc(repeats)
         arrays.update(icc_rater_mean=icc.rater_mean, icc_ss_cases=icc.ss_cases, icc_ss_error=icc.ss_error)
         counts["icc_n"] = icc.n
         groups["cases with a repeat delineation"] = icc.n
+        groups["cases without a repeat delineation"] = len(table) - icc.n
     ids = frozenset(table[schemas.ID].astype(str))
     return (RecordDict({"arrays": arrays_record(**arrays), "counts": MetricRecord(counts)}),
-            Disclosure(n_cases=len(table), groups=groups, identifiers=ids))
+            Disclosure(n_cases=len(table), groups=groups, identifiers=ids, shared_axes=frozenset({len(features)})))
 
 
 def _repeat_measurements(store: FeatureStore, features: list[str]) -> np.ndarray | None:
@@ -62,4 +67,5 @@ def _repeat_measurements(store: FeatureStore, features: list[str]) -> np.ndarray
     both = [pid for pid in repeat.index if pid in first.index]
     if not both:
         return None
-    return np.stack([first.loc[both, features].to_numpy(float), repeat.loc[both, features].to_numpy(float)], axis=1)
+    pairs = np.stack([first.loc[both, features].to_numpy(float), repeat.loc[both, features].to_numpy(float)], axis=1)
+    return pairs[np.isfinite(pairs).all(axis=(1, 2))]  # complete repeat cases only

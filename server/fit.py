@@ -41,6 +41,19 @@ def run_fit(fed: Federation, study: Study, census: dict, harmonise: dict | None,
     return {"models": models, "traffic": traffic.summary()}
 
 
+def data_mode(harmonise: dict | None) -> str:
+    """Which rows models see: z-scored harmonised, harmonised, or (no harmonise stage) the original features."""
+    if not harmonise:
+        return "features"
+    return "standardised" if harmonise.get("settings", {}).get("zscore") else "harmonised"
+
+
+def study_sites(census: dict, harmonise: dict | None, fed: Federation) -> list[str]:
+    """Sites that take part: those harmonised when the study harmonised, else those the census accepted."""
+    sites = harmonise["sites"] if harmonise else list(census["sites"])
+    return [s for s in sites if s in fed.sites]
+
+
 def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model, cv_folds: int,
                selected: list[str]) -> dict:
     globs = tuple(g for g in model.features if g != SELECTED)
@@ -52,7 +65,7 @@ def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model,
     return {
         "study": study.model_dump(mode="json"), "model": model.model_dump(mode="json"),
         "columns": features + list(model.clinical),
-        "data": "standardised" if harmonise and harmonise.get("settings", {}).get("zscore") else "features",
+        "data": data_mode(harmonise),
         "reference": harmonise["reference"] if harmonise else "",
         "time": study.outcome.time, "event": study.outcome.event,
         "binary_outcome": model.binary_outcome or study.outcome.event, "cv_folds": cv_folds,
@@ -61,7 +74,7 @@ def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model,
 
 def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | None, model: Model,
               traffic: StageTraffic, selected: list[str]) -> dict:
-    sites = [s for s in census["sites"] if s in fed.sites]
+    sites = study_sites(census, harmonise, fed)
     left_out: dict[str, str] = {}
     while True:
         if len(sites) < study.federation.min_sites:
@@ -150,11 +163,17 @@ def _newton(evaluate, names, model: Model, logistic: bool) -> dict:
         else:
             state = update_newton(state, total, ridge=model.ridge, names=names)
     table = wald_table(state.beta, state.best.hess, names, exp_name="OR" if logistic else "HR")
+    penalised = state.best_beta[1:] if logistic else state.best_beta  # the intercept is never penalised
+    loglik = float(state.best.loglik) + 0.5 * model.ridge * float(penalised @ penalised)
+    null = float(state.loglik_null)
+    if logistic:  # the intercept-only model (statsmodels' llnull), not β = 0
+        n, events = state.best.n, state.best.events
+        null = float(events * np.log(events / n) + (n - events) * np.log(1 - events / n))
     return {
         "kind": model.kind, "penalty": "none", "converged": bool(state.converged),
         "coefficients": dict(zip(names, map(float, state.beta))),
         "table": table.reset_index().to_dict(orient="records"),
-        "loglik": float(state.best.loglik), "loglik_null": float(state.loglik_null),
+        "loglik": loglik, "loglik_null": null,
         "n": int(state.best.n), "events": int(state.best.events),
     }
 

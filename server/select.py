@@ -23,6 +23,7 @@ from common.screen import (CoxScreenSums, LogisticScreenSums, bh_fdr, combine_co
                            update_cox_screen, update_logistic_screen)
 from common.study import Features, Study, select_features
 from server.federation import Federation, StageFailed, StageTraffic
+from server.fit import data_mode, study_sites
 
 
 def run_select(fed: Federation, study: Study, census: dict, harmonise: dict | None) -> dict:
@@ -31,12 +32,12 @@ def run_select(fed: Federation, study: Study, census: dict, harmonise: dict | No
     candidates = select_features(census["features"], Features(include=s.features, exclude=s.exclude))
     if not candidates:
         raise StageFailed(f"select: no feature matches {list(s.features)}")
-    sites = [name for name in census["sites"] if name in fed.sites]
+    sites = study_sites(census, harmonise, fed)
     plan = {
         "study": study.model_dump(mode="json"), "features": candidates, "outcome": s.outcome, "ties": "efron",
         "time": study.outcome.time, "event": study.outcome.event,
         "binary_outcome": s.binary_outcome or study.outcome.event,
-        "data": "standardised" if harmonise and harmonise.get("settings", {}).get("zscore") else "features",
+        "data": data_mode(harmonise),
         "reference": harmonise["reference"] if harmonise else "",
     }
     outcome = fed.ask("select", 1, SELECT_SUMS, {site: request(plan) for site in sites},

@@ -153,3 +153,32 @@ def test_event_times_leave_only_with_the_sites_consent(store):
     assert refused.has_error() and "has not allowed it" in refused.error.reason
     allowed = app(message, _context(store, **{"allow-event-times": "true"}))
     assert not allowed.has_error() and allowed.content["arrays"]["times"].numpy().ndim == 1
+
+
+def test_declared_shared_axis_may_equal_the_case_count_but_a_per_case_axis_may_not():
+    y = RecordDict({"a": ArrayRecord({"xty": Array(np.ones((3, 24)))})})
+    with pytest.raises(PrivacyRefusal, match="per-patient"):
+        check_reply(y, Disclosure(n_cases=24), min_count=5)
+    check_reply(y, Disclosure(n_cases=24, shared_axes=frozenset({24})), min_count=5)  # 24 features, 24 cases
+
+
+def test_select_withholds_icc_when_the_cases_without_a_repeat_are_too_few(tmp_path):
+    import pandas as pd
+
+    from client.site_select import select_sums_reply
+    from client.store import open_store
+    from tests.federation.cohort import hospital_rows, write_stores
+
+    table = hospital_rows()
+    store_path = write_stores(tmp_path, table[table["site"] == "siteB"])["siteB"]
+    features = [c for c in pd.read_parquet(store_path / "features.parquet").columns if c.startswith("table__")]
+    first = pd.read_parquet(store_path / "features.parquet")
+    repeat = first[["patient_id"] + features].iloc[:21].copy()  # 21 of 24 cases repeated: 3 without
+    repeat[features] += 0.01
+    repeat.to_parquet(store_path / "features_repeat.parquet", index=False)
+    plan = {"features": features, "outcome": "cox", "ties": "efron", "time": "time", "event": "event",
+            "data": "features", "reference": ""}
+    content, disclosure = select_sums_reply(open_store(store_path), plan, min_count=5)
+    assert int(content["counts"]["icc_n"]) == 0 and "icc_ss_cases" not in content["arrays"]
+    content, _ = select_sums_reply(open_store(store_path), plan, min_count=3)
+    assert int(content["counts"]["icc_n"]) == 21

@@ -29,6 +29,7 @@ arrays (``Surv.from_arrays(event, time)``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,7 @@ from common.newton import (ConvergenceWarning, NewtonSummary, combine_newton, st
                            wald_table)
 
 __all__ = ["RiskSetSums", "site_cox_event_times", "combine_cox_event_times", "site_cox_risk_sets",
-           "combine_cox_risk_sets", "cox_newton_from_risk_sets", "site_cox_newton", "site_cox_baseline",
+           "combine_cox_risk_sets", "cox_newton_from_risk_sets", "site_cox_newton", "cox_summary", "site_cox_baseline",
            "FederatedCoxPH", "FederatedCoxnetCV"]
 
 TIES = ("efron", "breslow")
@@ -158,6 +159,17 @@ def site_cox_newton(X, time, event, beta, *, ties: str = "efron", strata=None) -
     return combine_newton(parts)
 
 
+def cox_summary(X, time, event, row_groups, beta, *, ties: str = "efron", grid=None) -> NewtonSummary:
+    """The federation's summed summary at β, in one process: each row group is a site.
+
+    ``grid=None``: stratified by site (a sum of :func:`site_cox_newton`); otherwise the sites'
+    risk-set sums on the shared event-time ``grid`` are combined (unstratified, exact)."""
+    if grid is None:
+        return combine_newton([site_cox_newton(X[r], time[r], event[r], beta, ties=ties) for r in row_groups])
+    total = combine_cox_risk_sets([site_cox_risk_sets(X[r], time[r], event[r], beta, grid) for r in row_groups])
+    return cox_newton_from_risk_sets(total, beta, ties=ties, n=sum(len(r) for r in row_groups))
+
+
 def site_cox_baseline(X, time, event, beta) -> pd.Series:
     """Breslow cumulative baseline hazard of one stratum at its event times (sksurv's ``BreslowEstimator``)."""
     sums = site_cox_risk_sets(X, time, event, beta)
@@ -216,20 +228,15 @@ class FederatedCoxPH:
             self.event_times_ = combine_cox_event_times([site_cox_event_times(time[g], event[g])
                                                          for g in groups.values()])
 
+        grid = self.event_times_ if self.share_event_times else None
+
         def evaluate(beta):
-            if self.share_event_times:
-                total = combine_cox_risk_sets([site_cox_risk_sets(X[g], time[g], event[g], beta, self.event_times_)
-                                               for g in groups.values()])
-                return cox_newton_from_risk_sets(total, beta, ties=self.ties, n=len(X))
-            return combine_newton([site_cox_newton(X[g], time[g], event[g], beta, ties=self.ties)
-                                   for g in groups.values()])
+            return cox_summary(X, time, event, list(groups.values()), beta, ties=self.ties, grid=grid)
 
         state = start_newton(X.shape[1])
         while not state.converged and state.iteration < self.max_iter:
             state = update_newton(state, evaluate(state.beta), ridge=self.ridge, tol=self.tol, names=names)
         if not state.converged:
-            import warnings
-
             warnings.warn(f"Cox Newton did not converge in {self.max_iter} iterations", ConvergenceWarning,
                           stacklevel=2)
         self.coef_ = state.beta
@@ -298,15 +305,11 @@ class FederatedCoxnetCV:
         for label, rows in groups.items():
             folds[rows] = site_fold_ids(len(rows), self.cv, self.seed, label, stratify=event[rows]) if self.cv else 0
         n_folds = self.cv + 1  # CV folds, then all data
-        grid = combine_cox_event_times([site_cox_event_times(time[g], event[g]) for g in groups.values()])
+        grid = combine_cox_event_times([site_cox_event_times(time[g], event[g]) for g in groups.values()]) \
+            if self.share_event_times else None
 
-        def loglik(rows_by_site, beta, full=False):
-            if self.share_event_times:
-                total = combine_cox_risk_sets([site_cox_risk_sets(X[r], time[r], event[r], beta, grid)
-                                               for r in rows_by_site])
-                return cox_newton_from_risk_sets(total, beta, ties=self.ties, n=sum(len(r) for r in rows_by_site))
-            return combine_newton([site_cox_newton(X[r], time[r], event[r], beta, ties=self.ties)
-                                   for r in rows_by_site])
+        def loglik(rows_by_site, beta):
+            return cox_summary(X, time, event, rows_by_site, beta, ties=self.ties, grid=grid)
 
         def train_rows(f):
             return [g if f == self.cv else g[folds[g] != f] for g in groups.values()]

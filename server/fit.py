@@ -17,9 +17,10 @@ from flwr.common.logger import log
 
 from common.errors import FedradError
 from common.logistic import SeparationError, update_logistic_newton
-from common.cox import RiskSetSums, combine_cox_event_times, cox_newton_from_risk_sets
+from common.cox import RiskSetSums, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets
 from common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_SUMMARIES, record_arrays, request
-from common.newton import ConvergenceError, NewtonSummary, RankDeficientError, start_newton, update_newton, wald_table
+from common.newton import (ConvergenceError, NewtonSummary, RankDeficientError, combine_newton, start_newton,
+                           update_newton, wald_table)
 from common.penalised import Penalty, PathSummary, path_choice, run_path
 from common.study import SELECTED, Features, Model, Study, select_features
 from server.federation import Federation, StageFailed, StageTraffic
@@ -106,11 +107,11 @@ def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | Non
 def _evaluator(fed: Federation, sites: list[str], plan: dict, name: str, traffic: StageTraffic):
     def evaluate(points: np.ndarray) -> dict[tuple[int, int], PathSummary]:
         parts = _ask_all(fed, sites, traffic, MODEL_SUMMARIES, plan, points=points)
-        total = {k: sum(p[k] for p in parts) for k in parts[0]}
-        return {(f, u): PathSummary(train=NewtonSummary(loglik=float(total["loglik"][f, u]), grad=total["grad"][f, u],
-                                                        hess=total["hess"][f, u], n=int(total["n_train"][f]),
-                                                        events=int(total["events"][f])),
-                                    heldout=float(total["heldout"][f, u]))
+        return {(f, u): PathSummary(
+                    train=combine_newton([NewtonSummary(loglik=float(p["loglik"][f, u]), grad=p["grad"][f, u],
+                                                        hess=p["hess"][f, u], n=int(p["n_train"][f]),
+                                                        events=int(p["events"][f])) for p in parts]),
+                    heldout=float(sum(p["heldout"][f, u] for p in parts)))
                 for f in range(points.shape[0]) for u in range(points.shape[1])}
     return evaluate
 
@@ -132,7 +133,7 @@ def _risk_set_evaluator(fed, sites, plan, model: Model, traffic):
         beta = points[0, 0]
         parts = _ask_all(fed, sites, traffic, COX_RISK_SETS, plan, beta=beta, grid=grid)
         fields = ("d", "x_events", "s0", "s1", "s2", "s0_tied", "s1_tied", "s2_tied")
-        sums = RiskSetSums(times=grid, **{f: sum(p[f] for p in parts) for f in fields})
+        sums = combine_cox_risk_sets([RiskSetSums(times=grid, **{f: p[f] for f in fields}) for p in parts])
         n = int(sum(p["n"][0] for p in parts))
         return {(0, 0): PathSummary(train=cox_newton_from_risk_sets(sums, beta, ties=model.ties, n=n))}
     return evaluate

@@ -3,7 +3,8 @@
 Synthesise a multi-centre cohort, prepare every site's feature store with the fast demo
 extraction settings, then run the study on a local federation (a real Flower SuperLink
 and one SuperNode per site): census, then ComBat by scanner model preserving age and sex,
-then pooled z-scoring. The demo may look into every store to show the scanner effect
+then pooled z-scoring, then the models: an elastic-net Rad-score, a clinical model
+(univariate screen, then multivariable) and a nomogram of both. The demo may look into every store to show the scanner effect
 before and after (a real coordinator never can).
 """
 
@@ -65,7 +66,7 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
                   "(the best a model can do); prep_s: extraction seconds")
     console.print(f"stores in {out / 'stores'}; summary in {out / 'summary.csv'}")
 
-    console.rule("3. federated study on a local federation (census, harmonise)")
+    console.rule("3. federated study on a local federation (census, harmonise, fit)")
     study = out / "study.toml"
     study.write_text(DEMO_STUDY)
     stores = {site: out / "stores" / site for site in summary["site"]}
@@ -82,7 +83,11 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
                             out / "scanner_effect.png")
         console.print(f"plot: {out / 'scanner_effect.png'}")
         for name, model in results["models"].items():
+            if "selection" in model:
+                console.print(table_of(univariate_table(model), f"model '{name}': univariate screen"))
             console.print(table_of(model_table(model), model_title(name, model)))
+            if "nomogram" in model:
+                console.print(f"nomogram: {model['nomogram']['plot']}")
     console.print(f"wall time {time.perf_counter() - started:.0f} s")
     return summary
 
@@ -101,6 +106,9 @@ batch = "scanner"
 categorical = ["sex"]
 continuous = ["age"]
 
+[outcome]
+horizons = [24, 60]         # months: survival at 2 and 5 years (Cox baseline, nomogram)
+
 [privacy]
 min_count = 5
 
@@ -118,10 +126,18 @@ n_alphas = 20
 rule = "1se"
 ties = "breslow"
 
-[[models]]                  # the clinical model: Cox stratified by site
+[[models]]                  # the clinical model: each factor alone, then those with p < 0.05 together
 name = "clinical"
 kind = "cox"
 clinical = ["age", "size_cm", "grade", "ki67"]
+selection = "univariate"
+
+[[models]]                  # the nomogram: Rad-score + the clinical model's independent factors
+name = "nomogram"
+kind = "cox"
+scores = ["rad_score"]
+clinical = ["@clinical"]
+nomogram = true
 """
 
 
@@ -168,7 +184,16 @@ def plot_scanner_effect(stores: dict[str, Path], sites: list[str], feature: str,
     plt.close(fig)
 
 
+def univariate_table(model: dict) -> pd.DataFrame:
+    table = pd.DataFrame(model["selection"]["univariate"])
+    table["enters"] = table["covariate"].isin(model["selection"]["entered"]).map({True: "yes", False: ""})
+    return table[[c for c in ("covariate", "HR", "HR lower 95%", "HR upper 95%", "p", "enters", "error")
+                  if c in table]].round(4)
+
+
 def model_table(model: dict) -> pd.DataFrame:
+    if model["penalty"] == "none" and not model["table"]:
+        return pd.DataFrame({"note": ["no candidate passed the univariate screen"]})
     if model["penalty"] == "none":
         table = pd.DataFrame(model["table"])
         return table[["covariate", "coef", "HR", "HR lower 95%", "HR upper 95%", "p"]].round(4)
@@ -178,8 +203,11 @@ def model_table(model: dict) -> pd.DataFrame:
 
 def model_title(name: str, model: dict) -> str:
     if model["penalty"] == "none":
-        return (f"model '{name}': Cox stratified by site, {model['n']} cases, {model['events']} events, "
-                f"{model['rounds']} round trips")
+        how = "multivariable " if "selection" in model else ""
+        independent = f", independent factors: {', '.join(model['independent']) or 'none'}" \
+            if "independent" in model else ""
+        return (f"model '{name}': {how}Cox stratified by site, {model.get('n', 0)} cases, {model.get('events', 0)} "
+                f"events, {model['rounds']} round trips{independent}")
     return (f"model '{name}': elastic-net Cox (l1_ratio {model['l1_ratio']}), {len(model['selected'])} of {len(model['coefficients'])} features at "
             f"lambda={model['alpha']:.4g} ({model['rule']} rule, {model['cv_folds']}-fold CV local to sites), "
             f"{model['rounds']} round trips")

@@ -23,7 +23,7 @@ from client.privacy import PrivacyRefusal, check_reply, scrub
 from client.site_census import census_reply
 from client.site_data import site_log
 from client.site_select import select_sums_reply
-from client.site_fit import event_times_reply, model_summaries_reply, risk_sets_reply
+from client.site_fit import baseline_reply, event_times_reply, model_summaries_reply, risk_sets_reply
 from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, zscore_reply
 from client.store import open_store
 from common import schemas
@@ -117,6 +117,12 @@ def zscore_apply(msg: Message, context: Context) -> Message:
 def model_summaries(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
                   model_summaries_reply(store, plan, site, _arrays(msg)))
+
+
+@app.query("model_baseline")
+def model_baseline(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  baseline_reply(store, plan, site, _arrays(msg), min_count))
 
 
 def _allows_event_times(context: Context) -> bool:

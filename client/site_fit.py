@@ -16,9 +16,12 @@ from flwr.app import RecordDict
 
 from client.privacy import Disclosure
 from client.site_data import HARMONISED, HARMONISED_META, STANDARDISED, site_log
+
+#: per-case scores written at the site by other fedrad stages (the CNN's DL score): id + one column per score
+SCORES = "scores.parquet"
 from client.store import FEATURES, FeatureStore
 from common import schemas
-from common.cox import site_cox_event_times, site_cox_newton, site_cox_risk_sets
+from common.cox import site_cox_baseline, site_cox_event_times, site_cox_newton, site_cox_risk_sets
 from common.errors import FedradError, StoreError
 from common.messages import arrays_record
 from common.penalised import site_fold_ids
@@ -35,10 +38,44 @@ def model_table(store: FeatureStore, plan: dict) -> pd.DataFrame:
     return pd.read_parquet(store.path / FEATURES)
 
 
+def add_scores(store: FeatureStore, table: pd.DataFrame, plan: dict) -> pd.DataFrame:
+    """Append the score columns the model uses: earlier models' linear predictors (computed here
+    from their coefficients) and DL scores from ``STORE/scores.parquet`` (the deep-learning hook)."""
+    name = plan["model"]["name"]
+    table = table.copy()
+    for score, coefficients in plan.get("scores", {}).items():
+        terms = {c: b for c, b in coefficients.items() if c != "intercept"}
+        absent = [c for c in terms if c not in table.columns]
+        if absent:
+            raise StoreError(f"model '{name}': score '{score}' needs column(s) the store lacks, e.g. {absent[:3]}")
+        table[score] = table[list(terms)].to_numpy(dtype=float) @ np.array(list(terms.values()), dtype=float) \
+            if terms else 0.0
+    external = plan.get("external_scores", [])
+    if external:
+        path = store.path / SCORES
+        if not path.is_file():
+            raise StoreError(f"model '{name}' uses score(s) {external}, which are neither earlier models nor in "
+                             f"this site's {SCORES} (written by the deep-learning stage)")
+        scores = pd.read_parquet(path)
+        absent = [s for s in external if s not in scores.columns]
+        if absent:
+            raise StoreError(f"model '{name}': {SCORES} has no column(s) {absent}")
+        merged = table[[schemas.ID]].merge(scores[[schemas.ID] + external], on=schemas.ID, how="left")
+        lacking = merged[external].isna().any(axis=1).to_numpy()
+        if lacking.any():
+            site_log(store.path, f"model '{name}': no {external} score for: "
+                     + ", ".join(table.loc[lacking, schemas.ID].astype(str)))
+            raise StoreError(f"model '{name}': {int(lacking.sum())} case(s) have no {external} score in {SCORES} "
+                             "(ids in site.log)")
+        for score in external:
+            table[score] = merged[score].to_numpy(dtype=float)
+    return table
+
+
 def model_inputs(store: FeatureStore, plan: dict, site: str):
     """(ids, X, outcome, left_out) of the rows usable for the model; rows without a binary outcome are left
     out (logged, and declared as a group: their sums could be recovered by difference with other stages')."""
-    table = model_table(store, plan)
+    table = add_scores(store, model_table(store, plan), plan)
     model = plan["model"]
     columns = plan["columns"]
     absent = [c for c in columns if c not in table.columns]
@@ -78,6 +115,8 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
     stratify = outcome[-1]
     folds = site_fold_ids(len(ids), n_cv, model["seed"], site, stratify=stratify) if n_cv else np.zeros(len(ids), int)
     n_folds, n_points, p = points.shape
+    # univariate screens: point u uses only the columns subsets[u] (its β padded with zeros to p)
+    subsets = plan.get("subsets") or [list(range(p))] * n_points
     loglik = np.zeros((n_folds, n_points))
     heldout = np.zeros((n_folds, n_points))
     grad = np.zeros((n_folds, n_points, p))
@@ -85,25 +124,29 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
     n_train = np.zeros(n_folds)
     events = np.zeros(n_folds)
 
-    def summary(rows, beta):
+    def summary(rows, beta, columns):
+        x = X[np.ix_(rows, columns)]
         if model["kind"] == "cox":
-            return site_cox_newton(X[rows], outcome[0][rows], outcome[1][rows], beta, ties=model["ties"])
+            return site_cox_newton(x, outcome[0][rows], outcome[1][rows], beta, ties=model["ties"])
         from common.logistic import site_logistic_newton  # scikit-learn costs ~1 s per message: only when needed
 
-        return site_logistic_newton(X[rows], outcome[0][rows], beta)
+        return site_logistic_newton(x, outcome[0][rows], beta)
 
     everyone = np.arange(len(ids))
     for f in range(n_folds):
         train = everyone if f == n_folds - 1 else everyone[folds != f]
         for u in range(n_points):
-            s = summary(train, points[f, u])
-            loglik[f, u], grad[f, u], hess[f, u] = s.loglik, s.grad, s.hess
+            columns = subsets[u]
+            k = len(columns)
+            beta = points[f, u, :k]
+            s = summary(train, beta, columns)
+            loglik[f, u], grad[f, u, :k], hess[f, u, :k, :k] = s.loglik, s.grad, s.hess
             n_train[f], events[f] = s.n, s.events
             if f < n_folds - 1:
                 if model["kind"] == "cox":  # Verweij & van Houwelingen: ℓ_all(β) - ℓ_train(β)
-                    heldout[f, u] = summary(everyone, points[f, u]).loglik - s.loglik
+                    heldout[f, u] = summary(everyone, beta, columns).loglik - s.loglik
                 else:
-                    heldout[f, u] = summary(everyone[folds == f], points[f, u]).loglik
+                    heldout[f, u] = summary(everyone[folds == f], beta, columns).loglik
     groups = {f"fold {k} held-out": int(np.sum(folds == k)) for k in range(n_folds - 1)}
     groups["cases without the outcome"] = left_out
     content = RecordDict({"arrays": arrays_record(loglik=loglik, grad=grad, hess=hess, heldout=heldout,
@@ -144,3 +187,32 @@ def risk_sets_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
         s1_tied=sums.s1_tied, s2_tied=sums.s2_tied, n=np.array([len(ids)]))})
     return content, Disclosure(n_cases=len(ids), identifiers=frozenset(ids),
                                shared_axes=frozenset({len(arrays["grid"]), X.shape[1]}))
+
+
+def baseline_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
+                   min_count: int) -> tuple[RecordDict, Disclosure]:
+    """After a fit: column sums (nomogram axes) and, for Cox, this site's Breslow cumulative
+    baseline hazard at the study's horizons for the fitted β. A horizon with fewer than
+    ``min_count`` cases still at risk is withheld (NaN): so few patients would shape it."""
+    ids, X, outcome, _ = model_inputs(store, plan, site)
+    columns = X[:, 1:] if plan["model"]["kind"] == "logistic" else X
+    binary = np.all((columns == 0) | (columns == 1), axis=0)
+    horizons = arrays.get("horizons", np.zeros(0))
+    cumhaz = np.full(len(horizons), np.nan)
+    if plan["model"]["kind"] == "cox" and len(horizons):
+        time, event = outcome
+        hazard = site_cox_baseline(X, time, event, arrays["beta"])
+        for h, t in enumerate(horizons):
+            if np.sum(time >= t) >= min_count:
+                cumhaz[h] = float(hazard[hazard.index <= t].iloc[-1]) if (hazard.index <= t).any() else 0.0
+        withheld = int(np.isnan(cumhaz).sum())
+        if withheld:
+            site_log(store.path, f"model '{plan['model']['name']}': baseline hazard withheld at {withheld} "
+                     f"horizon(s) with fewer than {min_count} cases at risk")
+    content = RecordDict({"arrays": arrays_record(
+        n=np.array([len(ids)]), col_sum=columns.sum(axis=0), col_sumsq=(columns ** 2).sum(axis=0),
+        col_binary=binary.astype(float), col_integer=np.all(columns == np.round(columns), axis=0).astype(float),
+        col_nonnegative=np.all(columns >= 0, axis=0).astype(float),
+        cumhaz=cumhaz)})
+    return content, Disclosure(n_cases=len(ids), identifiers=frozenset(ids),
+                               shared_axes=frozenset({columns.shape[1], len(horizons)}))

@@ -22,6 +22,7 @@ MODEL_SUMMARIES = "query.model_summaries"
 SELECT_SUMS = "query.select_sums"
 COX_EVENT_TIMES = "query.cox_event_times"
 COX_RISK_SETS = "query.cox_risk_sets"
+MODEL_BASELINE = "query.model_baseline"
 
 #: error codes of a site's own refusal (privacy guard) and failure (data or settings); any
 #: other code is Flower's (node unavailable, ClientApp crashed, ...).
@@ -31,7 +32,7 @@ SITE_FAILED = 902
 #: the stage each message type belongs to (the ledger names it).
 STAGE_OF = {CENSUS: "census", COMBAT_MOMENTS: "harmonise", COMBAT_RESIDUALS: "harmonise",
             COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise", MODEL_SUMMARIES: "fit",
-            COX_EVENT_TIMES: "fit", COX_RISK_SETS: "fit", SELECT_SUMS: "select"}
+            COX_EVENT_TIMES: "fit", COX_RISK_SETS: "fit", MODEL_BASELINE: "fit", SELECT_SUMS: "select"}
 
 
 def arrays_record(**arrays) -> ArrayRecord:

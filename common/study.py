@@ -44,7 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.errors import FedradError
 
-__all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features", "STAGES", "SITE_BATCH", "SELECTED"]
+__all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features", "STAGES", "SITE_BATCH", "SELECTED",
+           "model_references"]
 
 #: stages in the order a study runs them (later issues add select, evaluate, package).
 STAGES = ("census", "harmonise", "select", "fit")
@@ -82,6 +83,15 @@ class StudyInfo(_Section):
 class Outcome(_Section):
     time: str = "time"
     event: str = "event"
+    #: times (in the units of ``time``) at which Cox models report survival and nomograms show it
+    horizons: tuple[float, ...] = ()
+
+    @field_validator("horizons")
+    @classmethod
+    def _positive_increasing(cls, horizons):
+        if any(h <= 0 for h in horizons) or list(horizons) != sorted(set(horizons)):
+            raise ValueError("horizons must be positive and increasing")
+        return horizons
 
 
 class Features(_Section):
@@ -127,7 +137,12 @@ class Model(_Section):
     name: str
     kind: Literal["cox", "logistic"] = "cox"
     features: tuple[str, ...] = ()          # globs over the store's feature columns, or "@select"
-    clinical: tuple[str, ...] = ()          # numeric clinical columns, used as they are
+    clinical: tuple[str, ...] = ()          # numeric clinical columns, or "@<model>": that model's independent factors
+    scores: tuple[str, ...] = ()            # an earlier model's linear predictor, or a DL score (STORE/scores.parquet)
+    selection: Literal["none", "univariate"] = "none"  # univariate screen, then one multivariable fit
+    univariate_p: float = Field(0.05, gt=0, le=1)      # enters the multivariable fit below this Wald p
+    multivariable_p: float = Field(0.05, gt=0, le=1)   # "independent factor" below this Wald p
+    nomogram: bool = False                  # draw this model's nomogram (points scale)
     binary_outcome: str = ""                # logistic: a 0/1 column (default: [outcome].event)
     penalty: Literal["none", "elasticnet"] = "none"
     l1_ratio: float = Field(1.0, gt=0, le=1)
@@ -149,8 +164,11 @@ class Model(_Section):
 
     @model_validator(mode="after")
     def _has_columns(self):
-        if not self.features and not self.clinical:
-            raise ValueError(f"model '{self.name}' has neither features nor clinical columns")
+        if not self.features and not self.clinical and not self.scores:
+            raise ValueError(f"model '{self.name}' has neither features, clinical columns nor scores")
+        if self.selection != "none" and self.penalty != "none":
+            raise ValueError(f"model '{self.name}': selection = \"univariate\" is for unpenalised models "
+                             "(an elastic net selects by itself)")
         if self.share_event_times and (self.kind != "cox" or self.penalty != "none"):
             raise ValueError(f"model '{self.name}': share_event_times applies to unpenalised Cox models only")
         return self
@@ -187,6 +205,20 @@ class Study(_Section):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("two [[models]] have the same name")
+        for i, m in enumerate(self.models):
+            if m.nomogram and m.kind == "cox" and not self.outcome.horizons:
+                raise ValueError(f"model '{m.name}': a Cox nomogram shows survival at [outcome] horizons; set them "
+                                 "(e.g. horizons = [12, 36] in the units of the time column)")
+            earlier = {e.name: e for e in self.models[:i]}
+            for ref in model_references(m):
+                if ref not in earlier:
+                    raise ValueError(f"model '{m.name}' uses \"@{ref}\", which is not a model listed before it")
+                if earlier[ref].selection == "none":
+                    raise ValueError(f"model '{m.name}' uses \"@{ref}\": model '{ref}' has no "
+                                     "selection = \"univariate\", so it names no independent factors")
+            for score in m.scores:
+                if score in names and score not in earlier:
+                    raise ValueError(f"model '{m.name}' uses the score of model '{score}', which comes after it")
         return self
 
     def section_hash(self, *sections: str) -> str:
@@ -220,6 +252,11 @@ def load_study(path: Path) -> Study:
     except tomllib.TOMLDecodeError as exc:
         raise StudyError(f"study file '{path}' is not valid TOML: {exc}") from None
     return parse_study(data, source=f"study file '{path}'")
+
+
+def model_references(model: Model) -> list[str]:
+    """Models whose independent factors ``model`` takes as clinical columns (``"@name"`` entries)."""
+    return [c[1:] for c in model.clinical if c.startswith("@")]
 
 
 def select_features(columns: list[str], features: Features) -> list[str]:

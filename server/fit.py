@@ -18,9 +18,10 @@ from flwr.common.logger import log
 from common.errors import FedradError
 from common.logistic import SeparationError, update_logistic_newton
 from common.cox import RiskSetSums, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets
-from common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_SUMMARIES, record_arrays, request
+from common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_BASELINE, MODEL_SUMMARIES, record_arrays, request
 from common.newton import (ConvergenceError, NewtonSummary, RankDeficientError, combine_newton, start_newton,
                            update_newton, wald_table)
+from common.nomogram import axis_ranges, build_nomogram
 from common.penalised import Penalty, PathSummary, path_choice, run_path
 from common.study import SELECTED, Features, Model, Study, select_features
 from server.federation import Federation, StageFailed, StageTraffic
@@ -33,12 +34,19 @@ class _SiteDropped(Exception):
         self.failures = failures
 
 
-def run_fit(fed: Federation, study: Study, census: dict, harmonise: dict | None, select: dict | None = None) -> dict:
+def run_fit(fed: Federation, study: Study, census: dict, harmonise: dict | None, select: dict | None = None,
+            out_dir=None) -> dict:
+    """Fit the study's models in order; a later model may use an earlier one's score or independent factors."""
     traffic = StageTraffic()
-    models = {}
+    models: dict[str, dict] = {}
     selected = select["selected"] if select else []
     for model in study.models:
-        models[model.name] = fit_model(fed, study, census, harmonise, model, traffic, selected)
+        models[model.name] = fit_model(fed, study, census, harmonise, model, traffic, selected, models)
+        if model.nomogram and out_dir is not None:
+            from server.nomogram_plot import plot_nomogram  # matplotlib only when a nomogram is asked for
+
+            path = plot_nomogram(models[model.name], model.name, study.outcome.horizons, out_dir)
+            models[model.name]["nomogram"]["plot"] = str(path)
     return {"models": models, "traffic": traffic.summary()}
 
 
@@ -56,16 +64,31 @@ def study_sites(census: dict, harmonise: dict | None, fed: Federation) -> list[s
 
 
 def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model, cv_folds: int,
-               selected: list[str]) -> dict:
+               selected: list[str], fitted: dict[str, dict] | None = None) -> dict:
+    fitted = fitted or {}
     globs = tuple(g for g in model.features if g != SELECTED)
     features = list(selected) if SELECTED in model.features else []
     features += [f for f in select_features(census["features"], Features(include=globs)) if f not in features] \
         if globs else []
     if model.features and not features:
         raise StageFailed(f"fit: model '{model.name}': no feature matches {list(model.features)}")
+    clinical = []
+    for entry in model.clinical:  # "@model": the independent factors that model found
+        for column in (fitted[entry[1:]]["independent"] if entry.startswith("@") else [entry]):
+            if column not in clinical and column not in features:
+                clinical.append(column)
+    scores, external = {}, []
+    for name in model.scores:
+        if name in fitted:  # an earlier model's linear predictor, computed at each site from its coefficients
+            scores.update(fitted[name]["score_sources"]["scores"])
+            external += [e for e in fitted[name]["score_sources"]["external_scores"] if e not in external]
+            scores[name] = {c: b for c, b in fitted[name]["coefficients"].items() if c != "intercept"}
+        elif name not in external:
+            external.append(name)
     return {
         "study": study.model_dump(mode="json"), "model": model.model_dump(mode="json"),
-        "columns": features + list(model.clinical),
+        "columns": features + clinical + list(model.scores),
+        "scores": scores, "external_scores": external,
         "data": data_mode(harmonise),
         "reference": harmonise["reference"] if harmonise else "",
         "time": study.outcome.time, "event": study.outcome.event,
@@ -74,7 +97,7 @@ def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model,
 
 
 def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | None, model: Model,
-              traffic: StageTraffic, selected: list[str]) -> dict:
+              traffic: StageTraffic, selected: list[str], fitted: dict[str, dict]) -> dict:
     sites = study_sites(census, harmonise, fed)
     left_out: dict[str, str] = {}
     while True:
@@ -83,7 +106,11 @@ def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | Non
                               f"{study.federation.min_sites}; " + "; ".join(f"{s}: {r}" for s, r in left_out.items()))
         model_traffic = StageTraffic()
         try:
-            result = _fit_once(fed, study, census, harmonise, model, sites, model_traffic, selected)
+            plan = model_plan(study, census, harmonise, model,
+                              model.cv_folds if model.penalty == "elasticnet" else 0, selected, fitted)
+            result = _fit_once(fed, plan, model, sites, model_traffic)
+            result.update(_after_fit(fed, plan, model, result, sites, study.outcome.horizons, model_traffic))
+            result["score_sources"] = {"scores": plan["scores"], "external_scores": plan["external_scores"]}
             break
         except _SiteDropped as dropped:
             left_out.update(dropped.failures)
@@ -117,11 +144,12 @@ def _evaluator(fed: Federation, sites: list[str], plan: dict, name: str, traffic
 
 
 def _ask_all(fed, sites, traffic, message_type, plan, **arrays) -> list[dict]:
+    """Every site's reply arrays, in the order of ``sites``."""
     outcome = fed.ask("fit", traffic.rounds + 1, message_type, {s: request(plan, **arrays) for s in sites},
                       {s: fed.sites[s] for s in sites}, traffic)
     if outcome.failures:
         raise _SiteDropped(outcome.failures)
-    return [record_arrays(c["arrays"]) for c in outcome.replies.values()]
+    return [record_arrays(outcome.replies[s]["arrays"]) for s in sites]
 
 
 def _risk_set_evaluator(fed, sites, plan, model: Model, traffic):
@@ -131,38 +159,95 @@ def _risk_set_evaluator(fed, sites, plan, model: Model, traffic):
 
     def evaluate(points: np.ndarray) -> dict[tuple[int, int], PathSummary]:
         beta = points[0, 0]
-        parts = _ask_all(fed, sites, traffic, COX_RISK_SETS, plan, beta=beta, grid=grid)
-        fields = ("d", "x_events", "s0", "s1", "s2", "s0_tied", "s1_tied", "s2_tied")
-        sums = combine_cox_risk_sets([RiskSetSums(times=grid, **{f: p[f] for f in fields}) for p in parts])
-        n = int(sum(p["n"][0] for p in parts))
+        sums, n = _pooled_risk_sets(fed, sites, plan, beta, grid, traffic)
         return {(0, 0): PathSummary(train=cox_newton_from_risk_sets(sums, beta, ties=model.ties, n=n))}
     return evaluate
 
 
-def _fit_once(fed, study, census, harmonise, model: Model, sites, traffic, selected) -> dict:
-    cv = model.cv_folds if model.penalty == "elasticnet" else 0
-    plan = model_plan(study, census, harmonise, model, cv, selected)
+def _pooled_risk_sets(fed, sites, plan, beta, grid, traffic) -> tuple[RiskSetSums, int]:
+    parts = _ask_all(fed, sites, traffic, COX_RISK_SETS, plan, beta=beta, grid=grid)
+    fields = ("d", "x_events", "s0", "s1", "s2", "s0_tied", "s1_tied", "s2_tied")
+    sums = combine_cox_risk_sets([RiskSetSums(times=grid, **{f: p[f] for f in fields}) for p in parts])
+    return sums, int(sum(p["n"][0] for p in parts))
+
+
+def _fit_once(fed, plan: dict, model: Model, sites, traffic) -> dict:
     logistic = model.kind == "logistic"
     names = (["intercept"] if logistic else []) + plan["columns"]
-    evaluate = _evaluator(fed, sites, plan, model.name, traffic)
     try:
+        if model.selection == "univariate":
+            return _univariate_then_multivariable(fed, sites, plan, model, traffic)
+        evaluate = _evaluator(fed, sites, plan, model.name, traffic)
         if model.share_event_times:
             evaluate = _risk_set_evaluator(fed, sites, plan, model, traffic)
         if model.penalty == "none":
             return _newton(evaluate, names, model, logistic)
-        return _elastic_net(evaluate, names, model, logistic, cv)
+        return _elastic_net(evaluate, names, model, logistic, plan["cv_folds"])
     except (RankDeficientError, SeparationError, ConvergenceError) as exc:
         raise StageFailed(f"fit: model '{model.name}': {exc}") from None
+
+
+def _univariate_then_multivariable(fed, sites, plan: dict, model: Model, traffic) -> dict:
+    """The published studies' clinical model: each candidate alone (all candidates' Newton fits share
+    every round trip), then one multivariable fit of those with univariate Wald p < ``univariate_p``;
+    the columns with multivariable p < ``multivariable_p`` are the model's independent factors."""
+    logistic = model.kind == "logistic"
+    lead = [0] if logistic else []
+    candidates = plan["columns"]
+    subsets = [lead + [len(lead) + j] for j in range(len(candidates))]
+    evaluate = _evaluator(fed, sites, dict(plan, subsets=subsets), model.name, traffic)
+    states = [start_newton(len(lead) + 1) for _ in candidates]
+    dropped: dict[str, str] = {}
+    while True:
+        active = [j for j, c in enumerate(candidates) if not states[j].converged and c not in dropped
+                  and states[j].iteration < MAX_NEWTON_ROUNDS]
+        if not active:
+            break
+        totals = evaluate(np.stack([s.beta for s in states])[None])
+        for j in active:
+            names = (["intercept"] if logistic else []) + [candidates[j]]
+            try:
+                states[j] = _newton_step(states[j], totals[(0, j)].train, names, model, logistic)
+            except (RankDeficientError, SeparationError, ConvergenceError) as exc:
+                dropped[candidates[j]] = str(exc)
+    univariate = []
+    for j, column in enumerate(candidates):
+        if column in dropped:
+            univariate.append({"covariate": column, "error": dropped[column]})
+            continue
+        names = (["intercept"] if logistic else []) + [column]
+        row = wald_table(states[j].beta, states[j].best.hess, names, exp_name="OR" if logistic else "HR").iloc[-1]
+        univariate.append({"covariate": column, **row.to_dict()})
+    entered = [r["covariate"] for r in univariate if "error" not in r and r["p"] < model.univariate_p]
+    log(INFO, "fit: model '%s': %d of %d candidate(s) pass the univariate screen (p < %g): %s", model.name,
+        len(entered), len(candidates), model.univariate_p, ", ".join(entered) or "none")
+    selection = {"univariate": univariate, "entered": entered, "univariate_p": model.univariate_p,
+                 "multivariable_p": model.multivariable_p}
+    if not entered:
+        return {"kind": model.kind, "penalty": "none", "converged": True, "coefficients": {}, "table": [],
+                "independent": [], "columns": [], "selection": selection, "loglik": None}
+    keep = [candidates.index(c) for c in entered]
+    subset = lead + [len(lead) + j for j in keep]
+    names = (["intercept"] if logistic else []) + entered
+    result = _newton(_evaluator(fed, sites, dict(plan, subsets=[subset]), model.name, traffic), names, model,
+                     logistic)
+    result["independent"] = [r["covariate"] for r in result["table"]
+                             if r["covariate"] != "intercept" and r["p"] < model.multivariable_p]
+    result["columns"] = entered
+    result["selection"] = selection
+    return result
+
+
+def _newton_step(state, total, names, model: Model, logistic: bool):
+    if logistic:
+        return update_logistic_newton(state, total, ridge=model.ridge, names=names)
+    return update_newton(state, total, ridge=model.ridge, names=names)
 
 
 def _newton(evaluate, names, model: Model, logistic: bool) -> dict:
     state = start_newton(len(names))
     while not state.converged and state.iteration < MAX_NEWTON_ROUNDS:
-        total = evaluate(state.beta[None, None, :])[(0, 0)].train
-        if logistic:
-            state = update_logistic_newton(state, total, ridge=model.ridge, names=names)
-        else:
-            state = update_newton(state, total, ridge=model.ridge, names=names)
+        state = _newton_step(state, evaluate(state.beta[None, None, :])[(0, 0)].train, names, model, logistic)
     table = wald_table(state.beta, state.best.hess, names, exp_name="OR" if logistic else "HR")
     penalised = state.best_beta[1:] if logistic else state.best_beta  # the intercept is never penalised
     loglik = float(state.best.loglik) + 0.5 * model.ridge * float(penalised @ penalised)
@@ -201,3 +286,52 @@ def _elastic_net(evaluate, names, model: Model, logistic: bool, cv: int) -> dict
         "alphas": state.lambdas.tolist(), "cv_mean": mean.tolist(), "cv_se": se.tolist(),
         "coef_path": state.best_beta[-1].tolist(), "cv_folds": cv,
     }
+
+
+def _after_fit(fed, plan: dict, model: Model, result: dict, sites, horizons, traffic) -> dict:
+    """One more round trip when the study needs it: Cox baseline hazard at the horizons (per site stratum,
+    or exact pooled with shared event times) and pooled column moments for the nomogram axes."""
+    columns = result.get("columns", plan["columns"])
+    needs_baseline = model.kind == "cox" and horizons
+    if not columns or not (needs_baseline or model.nomogram):
+        return {}
+    final = dict(plan, columns=columns, subsets=None)
+    names = (["intercept"] if model.kind == "logistic" else []) + columns
+    beta = np.array([result["coefficients"][c] for c in names])
+    parts = _ask_all(fed, sites, traffic, MODEL_BASELINE, final, beta=beta, horizons=np.asarray(horizons, float))
+    out = {}
+    if needs_baseline:
+        per_site = {s: [None if np.isnan(v) else float(v) for v in p["cumhaz"]] for s, p in zip(sites, parts)}
+        if model.share_event_times:
+            grid = combine_cox_event_times([p["times"] for p in _ask_all(fed, sites, traffic, COX_EVENT_TIMES, final)])
+            sums, _ = _pooled_risk_sets(fed, sites, final, beta, grid, traffic)
+            cumhaz = np.cumsum(sums.d / sums.s0)
+            pooled = [float(cumhaz[grid <= t][-1]) if (grid <= t).any() else 0.0 for t in horizons]
+            how = "one baseline for all sites (shared event times), Breslow"
+        else:
+            pooled = _average_cumhaz(parts, len(horizons))
+            how = ("Breslow per site stratum; 'pooled' averages the sites' cumulative hazards weighted by cases "
+                   "(sites that withheld a horizon, fewer than min_count at risk, are left out of it)")
+        out["baseline"] = {"horizons": list(horizons), "cumhaz": {"pooled": pooled, **per_site},
+                           "baseline_survival": [None if h is None else float(np.exp(-h)) for h in pooled],
+                           "method": how}
+    if model.nomogram:
+        n = sum(float(p["n"][0]) for p in parts)
+        ranges = axis_ranges(n, sum(p["col_sum"] for p in parts), sum(p["col_sumsq"] for p in parts),
+                             np.all([p["col_binary"] > 0 for p in parts], axis=0),
+                             np.all([p["col_integer"] > 0 for p in parts], axis=0),
+                             np.all([p["col_nonnegative"] > 0 for p in parts], axis=0))
+        coefficients = {c: result["coefficients"][c] for c in columns}
+        nomogram = build_nomogram(coefficients, dict(zip(columns, ranges)),
+                                  intercept=result["coefficients"].get("intercept", 0.0))
+        out["nomogram"] = {**nomogram.to_dict(), "kind": model.kind,
+                           "cumhaz": out.get("baseline", {}).get("cumhaz", {}).get("pooled")}
+    return out
+
+
+def _average_cumhaz(parts: list[dict], n_horizons: int) -> list[float | None]:
+    pooled = []
+    for h in range(n_horizons):
+        pairs = [(float(p["n"][0]), p["cumhaz"][h]) for p in parts if not np.isnan(p["cumhaz"][h])]
+        pooled.append(sum(n * c for n, c in pairs) / sum(n for n, _ in pairs) if pairs else None)
+    return pooled

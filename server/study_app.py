@@ -100,7 +100,7 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
                                    lambda: run_select(fed, study, census, results.get("harmonise")))
     if "fit" in study.study.stages:
         fit = _stage(runlog, results, "fit", lambda: run_fit(fed, study, census, results.get("harmonise"),
-                                                             results.get("select")))
+                                                             results.get("select"), out_dir=run_dir))
         results["models"] = fit["models"]
         for name, model in fit["models"].items():
             runlog.figure("fit", f"rounds, model '{name}'", model["rounds"])

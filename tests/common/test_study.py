@@ -45,3 +45,30 @@ def test_feature_globs_keep_store_order():
     columns = ["venous__original_shape_MeshVolume", "venous__original_firstorder_Mean", "arterial__original_glcm_Idm"]
     chosen = select_features(columns, Features(include=("venous__*", "*glcm*"), exclude=("*_shape_*",)))
     assert chosen == ["venous__original_firstorder_Mean", "arterial__original_glcm_Idm"]
+
+
+def _models(*models, **extra):
+    return {"study": {"stages": ["census", "fit"]}, "models": list(models), **extra}
+
+
+def test_model_references_must_point_back_to_a_selecting_model():
+    rad = {"name": "rad", "features": ["*"]}
+    clinical = {"name": "clin", "clinical": ["age", "grade"], "selection": "univariate"}
+    nomogram = {"name": "nomo", "scores": ["rad"], "clinical": ["@clin"], "nomogram": True}
+    study = parse_study(_models(rad, clinical, nomogram, outcome={"horizons": [12, 36]}))
+    assert study.models[2].scores == ("rad",)
+    with pytest.raises(StudyError, match="'nomo' uses \"@clin\", which is not a model listed before it"):
+        parse_study(_models(rad, nomogram, clinical, outcome={"horizons": [12]}))
+    with pytest.raises(StudyError, match="model 'rad' has no selection"):
+        parse_study(_models(rad, {"name": "nomo", "scores": ["rad"], "clinical": ["@rad"]}))
+    with pytest.raises(StudyError, match="uses the score of model 'later', which comes after it"):
+        parse_study(_models({"name": "first", "scores": ["later"]}, {"name": "later", "features": ["*"]}))
+
+
+def test_cox_nomogram_needs_horizons_and_selection_needs_no_penalty():
+    with pytest.raises(StudyError, match="a Cox nomogram shows survival at \\[outcome\\] horizons"):
+        parse_study(_models({"name": "nomo", "features": ["*"], "nomogram": True}))
+    with pytest.raises(StudyError, match="selection = \"univariate\" is for unpenalised models"):
+        parse_study(_models({"name": "m", "features": ["*"], "selection": "univariate", "penalty": "elasticnet"}))
+    with pytest.raises(StudyError, match="horizons must be positive and increasing"):
+        parse_study({"outcome": {"horizons": [36, 12]}})

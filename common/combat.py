@@ -33,6 +33,7 @@ __all__ = [
     "DesignSpec", "CombatMoments", "CombatResiduals", "CombatFit", "CombatEstimates",
     "design_matrix", "site_combat_moments", "combine_combat_moments", "update_combat_fit",
     "site_combat_residuals", "combine_combat_residuals", "update_combat_estimates", "site_combat_adjust",
+    "site_combat_new_batch",
     "FederatedComBat", "estimates_to_arrays", "estimates_from_arrays",
 ]
 
@@ -193,9 +194,18 @@ def update_combat_estimates(
         names = [feature_names[i] if feature_names else str(i) for i in constant[:10]]
         raise ValueError(f"{constant.size} feature(s) have zero residual variance (e.g. {', '.join(names)}); "
                          "drop them before ComBat")
-    n_b = total.n_batch[:, None]
     sum_z = total.sum_r / np.sqrt(var_pooled)
     sum_z2 = total.sum_r2 / var_pooled
+    gamma_hat, delta_hat, gamma_bar, t2, a_prior, b_prior, gamma_star, delta_star, iterations = _batch_effects(
+        sum_z, sum_z2, total.n_batch, list(fit.spec.batch_levels), eb=eb, parametric=parametric, mean_only=mean_only)
+    return CombatEstimates(fit=fit, var_pooled=var_pooled, gamma_hat=gamma_hat, delta_hat=delta_hat,
+                           gamma_bar=gamma_bar, t2=t2, a_prior=a_prior, b_prior=b_prior,
+                           gamma_star=gamma_star, delta_star=delta_star, eb_iterations=iterations)
+
+
+def _batch_effects(sum_z, sum_z2, n_batch, levels, *, eb, parametric, mean_only):
+    """γ̂, δ̂, the per-batch priors (across features) and γ*, δ* from per-batch Σz, Σz²."""
+    n_b = np.asarray(n_batch, dtype=float)[:, None]
     gamma_hat = sum_z / n_b
     if mean_only:
         delta_hat = np.ones_like(gamma_hat)
@@ -218,13 +228,37 @@ def update_combat_estimates(
         delta_star = np.ones_like(gamma_hat)
     elif parametric:
         gamma_star, delta_star, iterations = _parametric_eb(gamma_hat, delta_hat, gamma_bar, t2, a_prior, b_prior,
-                                                            sum_z, sum_z2, total.n_batch)
+                                                            sum_z, sum_z2, np.asarray(n_batch))
     else:
-        gamma_star, delta_star = _nonparametric_eb(gamma_hat, delta_hat, sum_z, sum_z2, total.n_batch,
-                                                   list(fit.spec.batch_levels))
-    return CombatEstimates(fit=fit, var_pooled=var_pooled, gamma_hat=gamma_hat, delta_hat=delta_hat,
-                           gamma_bar=gamma_bar, t2=t2, a_prior=a_prior, b_prior=b_prior,
-                           gamma_star=gamma_star, delta_star=delta_star, eb_iterations=iterations)
+        gamma_star, delta_star = _nonparametric_eb(gamma_hat, delta_hat, sum_z, sum_z2, np.asarray(n_batch), levels)
+    return gamma_hat, delta_hat, gamma_bar, t2, a_prior, b_prior, gamma_star, delta_star, iterations
+
+
+def site_combat_new_batch(y: np.ndarray, covariate_design: np.ndarray, estimates: CombatEstimates, *,
+                          eb: bool = True, parametric: bool = True, mean_only: bool = False,
+                          level: str = "new") -> tuple[np.ndarray, dict]:
+    """Harmonise a batch the reference never saw (a validation site) to the training reference.
+
+    The site standardises its rows with the stored grand mean, pooled variance and covariate
+    effects, estimates its own location/scale (γ̂, δ̂) and their empirical-Bayes shrinkage
+    with priors taken across its features (as ComBat does for every batch), and adjusts. The
+    training sites' estimates are untouched: nothing is refitted and nothing leaves the site.
+    ``covariate_design``: the design's covariate columns (``design_matrix(...)[:, n_batch:]``).
+
+    Returns the adjusted rows and this batch's γ*, δ* (kept at the site).
+    """
+    fit = estimates.fit
+    y = np.asarray(y, dtype=float)
+    if len(y) < 2:
+        raise ValueError(f"batch '{level}' needs at least 2 cases to estimate its scale")
+    sigma = np.sqrt(estimates.var_pooled)
+    covariate_part = covariate_design @ fit.beta[fit.spec.n_batch:]
+    z = (y - fit.grand_mean - covariate_part) / sigma
+    _, _, _, _, _, _, gamma_star, delta_star, iterations = _batch_effects(
+        z.sum(axis=0)[None], (z**2).sum(axis=0)[None], [len(y)], [level], eb=eb, parametric=parametric,
+        mean_only=mean_only)
+    adjusted = (z - gamma_star[0]) / np.sqrt(delta_star[0]) * sigma + fit.grand_mean + covariate_part
+    return adjusted, {"gamma_star": gamma_star[0], "delta_star": delta_star[0], "eb_iterations": iterations}
 
 
 def _postmean(g_hat, g_bar, n, d_star, t2):

@@ -114,13 +114,13 @@ def _print_report(report) -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out"),
-    sites: int = typer.Option(3, "--sites", min=1),
+    sites: int = typer.Option(4, "--sites", min=1, help="The last site is the held-out validation site (3 or more)."),
     patients: int = typer.Option(60, "--patients", min=5),
     seed: int = typer.Option(0, "--seed"),
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1),
     full_params: bool = typer.Option(False, "--full-params", help="Extract with default.yaml (original+LoG+wavelet)."),
 ):
-    """The embedded default: synthesise a cohort, prepare every site, summarise."""
+    """The embedded default: synthesise a cohort, prepare every site, run the whole study on a local federation."""
     from client.demo import run_demo
 
     try:
@@ -131,12 +131,32 @@ def demo(
         raise typer.Exit(2)
 
 
+@app.command()
+def validate(
+    package: Path = typer.Option(..., "--package", help="A model package (RUN_DIR/package of a finished study)."),
+    store: Path = typer.Option(..., "--store", help="This hospital's feature store (`fedrad prepare`)."),
+    out: Path = typer.Option(Path("validation-out"), "--out"),
+):
+    """Validate a finished model package on this hospital's store, offline: harmonise, score, metrics."""
+    from client.validate import metrics_table, validate as run_validation
+    from server.cli import table_of
+
+    try:
+        report = run_validation(package, store, out)
+    except FedradError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    console.print(table_of(metrics_table(report), f"validation of study '{report['study']}' on {store}"))
+    console.print(f"per-case predictions: {out / 'predictions.csv'} (they stay here); metrics: {out / 'metrics.json'}")
+
+
 # Federation commands live with the coordinator code; one `fedrad` command serves both roles.
 from server import cli as _server_cli  # noqa: E402
 
 app.command("local")(_server_cli.local)
 app.command("status")(_server_cli.status)
 app.command("ledger")(_server_cli.ledger)
+app.command("package")(_server_cli.package)
 app.add_typer(_server_cli.site_app, name="site")
 app.add_typer(_server_cli.coordinator_app, name="coordinator")
 

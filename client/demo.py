@@ -66,9 +66,10 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
                   "(the best a model can do); prep_s: extraction seconds")
     console.print(f"stores in {out / 'stores'}; summary in {out / 'summary.csv'}")
 
-    console.rule("3. federated study on a local federation (census, harmonise, fit)")
+    console.rule("3. federated study on a local federation (census, harmonise, fit, evaluate)")
     study = out / "study.toml"
-    study.write_text(DEMO_STUDY)
+    validation = [summary["site"].iloc[-1]] if n_sites >= 3 else []
+    study.write_text(demo_study(validation))
     stores = {site: out / "stores" / site for site in summary["site"]}
     with LocalFederation(out / "federation", stores,
                          echo=lambda line: console.print(line, markup=False, highlight=False)) as fed:
@@ -82,20 +83,62 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
         plot_scanner_effect(stores, results["harmonise"]["sites"], effects["features"].iloc[1],
                             out / "scanner_effect.png")
         console.print(f"plot: {out / 'scanner_effect.png'}")
-        for name, model in results["models"].items():
+        for name, model in results.get("models", {}).items():
             if "selection" in model:
                 console.print(table_of(univariate_table(model), f"model '{name}': univariate screen"))
             console.print(table_of(model_table(model), model_title(name, model)))
             if "nomogram" in model:
                 console.print(f"nomogram: {model['nomogram']['plot']}")
+    if results.get("evaluation"):
+        table = evaluation_table(results)
+        table.to_csv(out / "evaluation.csv", index=False)
+        console.print(table_of(table, "evaluation: every model at every site (validation site last; 'pooled' = the "
+                                      "training sites, site-stratified)"))
+        console.print(f"evaluation table: {out / 'evaluation.csv'}; all figures in {out / 'study' / 'results.json'}")
     console.print(f"wall time {time.perf_counter() - started:.0f} s")
     return summary
+
+
+def demo_study(validation: list[str]) -> str:
+    """The demo's study file; ``validation`` sites are held out of every fit and evaluated."""
+    stages = '["census", "harmonise", "fit", "evaluate"]'
+    return DEMO_STUDY.replace("@STAGES@", stages).replace("@VALIDATION@", json.dumps(validation))
+
+
+def evaluation_table(results: dict) -> pd.DataFrame:
+    """C-index (95% CI), AUC at the evaluation horizon and calibration slope per model and site."""
+    evaluation = results["evaluation"]
+    settings = results["evaluation_settings"]
+    order = settings["training_sites"] + ["pooled"] + settings["validation_sites"]
+    rows = []
+    for model in results["models"]:
+        for site in order:
+            m = evaluation.get(site, {}).get(model)
+            if not m:
+                continue
+            ci = m.get("c_index_ci") or [None, None]
+            rows.append({"model": model, "site": site,
+                         "role": "training" if site in settings["training_sites"] or site == "pooled" else "validation",
+                         "C-index": _fmt(m["c_index"]), "95% CI": f"{_fmt(ci[0])}-{_fmt(ci[1])}",
+                         "AUC": _fmt(m["auc"]), "cal. slope": _fmt(m["calibration_slope"]),
+                         "sens": _fmt(m["sensitivity"]), "spec": _fmt(m["specificity"])})
+    return pd.DataFrame(rows)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 DEMO_STUDY = """\
 [study]
 name = "demo-sarcoma"
-stages = ["census", "harmonise", "fit"]
+stages = @STAGES@
+
+[sites]
+validation = @VALIDATION@      # held out of harmonisation fitting, selection and training; metrics only
+
+[evaluate]
+bootstrap = 200
 
 [features]
 include = ["*__original_*"]

@@ -23,8 +23,9 @@ from client.privacy import PrivacyRefusal, check_reply, scrub
 from client.site_census import census_reply
 from client.site_data import site_log
 from client.site_select import select_sums_reply
+from client.site_evaluate import calibration_newton_reply, metrics_reply, thresholds_reply
 from client.site_fit import baseline_reply, event_times_reply, model_summaries_reply, risk_sets_reply
-from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, zscore_reply
+from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, validate_reply, zscore_reply
 from client.store import open_store
 from common import schemas
 from common.errors import FedradError
@@ -113,6 +114,12 @@ def zscore_apply(msg: Message, context: Context) -> Message:
                   zscore_reply(store, plan, _arrays(msg), context.run_id))
 
 
+@app.query("combat_validate")
+def combat_validate(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  validate_reply(store, plan, site, _arrays(msg), context.run_id))
+
+
 @app.query("model_summaries")
 def model_summaries(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
@@ -144,3 +151,20 @@ def cox_risk_sets(msg: Message, context: Context) -> Message:
 @app.query("select_sums")
 def select_sums(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count: select_sums_reply(store, plan, min_count))
+
+
+@app.query("evaluate_thresholds")
+def evaluate_thresholds(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count: thresholds_reply(store, plan, site))
+
+
+@app.query("evaluate_metrics")
+def evaluate_metrics(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  metrics_reply(store, plan, site, min_count))
+
+
+@app.query("evaluate_calibration")
+def evaluate_calibration(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  calibration_newton_reply(store, plan, site, _arrays(msg)))

@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 import common
 from client.privacy import Disclosure
 from client.site_data import HARMONISED_META, batch_labels, site_log
-from client.store import FeatureStore
+from client.store import FeatureStore, PARAMS
 from common import schemas
 from common.errors import StoreError
 from common.study import Study, select_features
@@ -58,6 +58,7 @@ def census_reply(store: FeatureStore, study: Study, site: str, min_count: int) -
         "name": site,
         "fedrad_version": common.__version__,
         "params_hash": store.params_hash or "",
+        "params_yaml": _params_text(store.path),
         "features": features,
         "batch_levels": levels,
         "small_batch_levels": small,
@@ -95,6 +96,12 @@ def _covariate_problems(table, study: Study, store_path: Path) -> list[str]:
         if name in table.columns and table[name].dtype.kind not in "biuf":
             problems.append(f"continuous covariate '{name}' is not numeric at this site")
     return problems
+
+
+def _params_text(store_path: Path) -> str:
+    """The extraction settings (pyradiomics YAML): the model package hands them to new sites."""
+    path = Path(store_path) / PARAMS
+    return path.read_text() if path.is_file() else ""
 
 
 def _harmonised_reference(store_path: Path) -> str:

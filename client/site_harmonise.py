@@ -13,12 +13,13 @@ import pandas as pd
 from flwr.app import MetricRecord, RecordDict
 
 from client.privacy import Disclosure
-from client.site_data import (HARMONISED, STANDARDISED, harmonise_inputs, read_harmonised_meta,
-                              write_feature_table, write_harmonised_meta)
+from client.site_data import (HARMONISED, STANDARDISED, batch_labels, design_spec, harmonise_inputs,
+                              read_harmonised_meta, site_log, write_feature_table, write_harmonised_meta)
 from client.store import FeatureStore
 from common import schemas
 from common.errors import StoreError
-from common.combat import CombatFit, estimates_from_arrays, site_combat_adjust, site_combat_moments, site_combat_residuals
+from common.combat import (CombatFit, design_matrix, estimates_from_arrays, site_combat_adjust, site_combat_moments,
+                           site_combat_new_batch, site_combat_residuals)
 from common.messages import arrays_record
 from common.zscore import ZScale, site_zscore_apply, site_zscore_moments
 
@@ -87,3 +88,55 @@ def zscore_reply(store: FeatureStore, plan: dict, arrays: dict, run_id: int) -> 
     ids = table[schemas.ID].astype(str)
     return RecordDict({"counts": MetricRecord({"n": len(table)})}), Disclosure(n_cases=len(table),
                                                                                identifiers=frozenset(ids))
+
+
+def validate_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:
+    """A validation site harmonises itself to the training reference and sends back counts only.
+
+    A batch level the training sites had (a shared scanner model) uses the reference's γ*, δ*;
+    a level they never had (batch = site, or a new scanner) gets its own γ*, δ* estimated here
+    against the reference's grand mean, pooled variance and covariate effects
+    (:func:`common.combat.site_combat_new_batch`). Then the reference z-scores apply.
+    """
+    table = store.features
+    features = plan["features"]
+    absent = [c for c in features if c not in table.columns]
+    if absent:
+        raise StoreError(f"the store lacks {len(absent)} feature column(s) the study uses, e.g. {absent[:3]}")
+    harmonise = plan["study"]["harmonise"]
+    labels, problem = batch_labels(table, harmonise["batch"], site)
+    if problem:
+        raise StoreError(problem)
+    labels = labels.astype(str).to_numpy()
+    spec = design_spec(plan)
+    covariates = {name: table[name].to_numpy() for name in harmonise["categorical"] + harmonise["continuous"]}
+    y = table[features].to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(y)):
+        raise StoreError("feature values include NaN/inf")
+    placeholder = np.full(len(table), spec.batch_levels[0])  # only the covariate columns are used
+    covariate_design = design_matrix(placeholder, covariates, spec)[:, spec.n_batch:]
+    estimates = estimates_from_arrays(arrays, spec)
+    adjusted = np.empty_like(y)
+    known, new = [], []
+    for level in sorted(set(labels)):
+        rows = labels == level
+        if level in spec.batch_levels:
+            design = design_matrix(labels[rows], {k: v[rows] for k, v in covariates.items()}, spec)
+            adjusted[rows] = site_combat_adjust(y[rows], design, estimates)
+            known.append(level)
+        else:
+            adjusted[rows], _ = site_combat_new_batch(
+                y[rows], covariate_design[rows], estimates, eb=harmonise["eb"], parametric=harmonise["parametric"],
+                mean_only=harmonise["mean_only"], level=level)
+            new.append(level)
+    write_feature_table(store.path, HARMONISED, table, features, adjusted)
+    if harmonise["zscore"]:
+        write_feature_table(store.path, STANDARDISED, table, features,
+                            site_zscore_apply(adjusted, ZScale(mean=arrays["z_mean"], sd=arrays["z_sd"])))
+    write_harmonised_meta(store.path, {"reference": plan["reference"], "run": run_id, "batch": harmonise["batch"],
+                                       "features": features, "zscored": bool(harmonise["zscore"]),
+                                       "role": "validation", "known_levels": known, "new_levels": new})
+    site_log(store.path, f"harmonised to reference {plan['reference'][:12]} as a validation site: "
+             f"{len(known)} batch level(s) from the reference, {len(new)} estimated here ({', '.join(new)})")
+    counts = MetricRecord({"n": len(table), "known_levels": len(known), "new_levels": len(new)})
+    return RecordDict({"counts": counts}), Disclosure(n_cases=len(table), identifiers=frozenset(table[schemas.ID].astype(str)))

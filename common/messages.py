@@ -18,11 +18,20 @@ COMBAT_MOMENTS = "query.combat_moments"
 COMBAT_RESIDUALS = "query.combat_residuals"
 COMBAT_ADJUST = "query.combat_adjust"
 ZSCORE_APPLY = "query.zscore_apply"
+COMBAT_VALIDATE = "query.combat_validate"
+EVALUATE_THRESHOLDS = "query.evaluate_thresholds"
+EVALUATE_METRICS = "query.evaluate_metrics"
+EVALUATE_CALIBRATION = "query.evaluate_calibration"
 MODEL_SUMMARIES = "query.model_summaries"
 SELECT_SUMS = "query.select_sums"
 COX_EVENT_TIMES = "query.cox_event_times"
 COX_RISK_SETS = "query.cox_risk_sets"
 MODEL_BASELINE = "query.model_baseline"
+
+#: per-site scalars of the evaluate stage, in this order, in each model's ``<model>__scalars`` array
+EVALUATION_SCALARS = ("n", "events", "n_binary", "events_binary", "left_out", "c_index", "c_index_lo", "c_index_hi",
+                      "uno_c", "auc", "auc_lo", "auc_hi", "auc_var", "brier_binary", "ibs", "hl_statistic", "hl_p",
+                      "calibration_intercept", "calibration_slope", "sum_risk")
 
 #: error codes of a site's own refusal (privacy guard) and failure (data or settings); any
 #: other code is Flower's (node unavailable, ClientApp crashed, ...).
@@ -31,7 +40,8 @@ SITE_FAILED = 902
 
 #: the stage each message type belongs to (the ledger names it).
 STAGE_OF = {CENSUS: "census", COMBAT_MOMENTS: "harmonise", COMBAT_RESIDUALS: "harmonise",
-            COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise", MODEL_SUMMARIES: "fit",
+            COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise", COMBAT_VALIDATE: "harmonise",
+            EVALUATE_THRESHOLDS: "evaluate", EVALUATE_METRICS: "evaluate", EVALUATE_CALIBRATION: "evaluate", MODEL_SUMMARIES: "fit",
             COX_EVENT_TIMES: "fit", COX_RISK_SETS: "fit", MODEL_BASELINE: "fit", SELECT_SUMS: "select"}
 
 

@@ -48,7 +48,7 @@ __all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features"
            "model_references"]
 
 #: stages in the order a study runs them (later issues add select, evaluate, package).
-STAGES = ("census", "harmonise", "select", "fit")
+STAGES = ("census", "harmonise", "select", "fit", "evaluate", "package")
 #: the model feature entry that stands for the `select` stage's result.
 SELECTED = "@select"
 #: the batch name meaning "each site is its own batch".
@@ -174,6 +174,31 @@ class Model(_Section):
         return self
 
 
+class Sites(_Section):
+    """Roles: a validation site takes no part in harmonisation fitting, selection or training; it is
+    harmonised to the training reference and returns metrics only."""
+
+    validation: tuple[str, ...] = ()
+
+
+class Evaluate(_Section):
+    """The `evaluate` stage: every model at every site (training and validation)."""
+
+    horizon: float = Field(0, ge=0, description="binary endpoint of Cox models: event by this time "
+                                                "(0: the first [outcome] horizon)")
+    cutoff: float | Literal["youden"] = "youden"   # on predicted risk; Youden's J on the pooled training sites
+    bootstrap: int = Field(200, ge=0, description="resamples for per-site confidence intervals (0: none)")
+    km_points: int = Field(12, ge=2, description="time grid points of the shared Kaplan-Meier tables")
+    seed: int = 0
+
+    @field_validator("cutoff")
+    @classmethod
+    def _probability(cls, cutoff):
+        if cutoff != "youden" and not 0 < cutoff < 1:
+            raise ValueError("cutoff is a predicted risk strictly between 0 and 1, or \"youden\"")
+        return cutoff
+
+
 class Privacy(_Section):
     min_count: int = Field(5, ge=1, description="smallest number of cases any aggregate may come from")
 
@@ -194,6 +219,8 @@ class Study(_Section):
     federation: Federation = Federation()
     select: Select = Select()
     models: tuple[Model, ...] = ()
+    sites: Sites = Sites()
+    evaluate: Evaluate = Evaluate()
 
     @model_validator(mode="after")
     def _models_for_fit(self):
@@ -205,6 +232,15 @@ class Study(_Section):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("two [[models]] have the same name")
+        if "package" in self.study.stages and "evaluate" not in self.study.stages:
+            raise ValueError("stage 'package' needs the 'evaluate' stage (the package carries its cut-offs, "
+                             "calibration and metrics)")
+        if "evaluate" in self.study.stages:
+            if "fit" not in self.study.stages:
+                raise ValueError("stage 'evaluate' needs the 'fit' stage (it evaluates the fitted models)")
+            if any(m.kind == "cox" for m in self.models) and not (self.evaluate.horizon or self.outcome.horizons):
+                raise ValueError("evaluating Cox models needs [outcome] horizons (time-dependent AUC, Brier, "
+                                 "the binary endpoint by the first horizon)")
         for i, m in enumerate(self.models):
             if m.nomogram and m.kind == "cox" and not self.outcome.horizons:
                 raise ValueError(f"model '{m.name}': a Cox nomogram shows survival at [outcome] horizons; set them "

@@ -59,6 +59,7 @@ def run_census(fed: Federation, study: Study) -> dict:
         "sites": {name: _public(info) for name, info in sorted(accepted.items())},
         "refused": refused,
         "params_hash": params_hash,
+        "params_yaml": next((i["params_yaml"] for i in accepted.values() if i["params_hash"] == params_hash), ""),
         "features": features,
         "n_features": len(features),
         "features_not_at_every_site": not_everywhere,
@@ -88,6 +89,7 @@ def _site_info(content) -> dict:
         "name": str(site["name"]),
         "fedrad_version": str(site["fedrad_version"]),
         "params_hash": str(site["params_hash"]),
+        "params_yaml": str(site["params_yaml"]) if "params_yaml" in site else "",
         "features": list(site["features"]),
         "batch_counts": dict(zip(levels, (int(c) for c in counts["batch_counts"]))),
         "small_batch_levels": list(site["small_batch_levels"]),
@@ -105,7 +107,7 @@ def _site_info(content) -> dict:
 
 def _public(info: dict) -> dict:
     """What results.json shows of a site (feature names are listed once, for the study)."""
-    shown = {k: v for k, v in info.items() if k not in ("features", "name", "store_sha256")}
+    shown = {k: v for k, v in info.items() if k not in ("features", "name", "store_sha256", "params_yaml")}
     shown["features_selected"] = len(info["features"])
     return shown
 

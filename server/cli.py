@@ -134,6 +134,27 @@ def ledger(store: Path = typer.Argument(..., help="A site's feature store.")):
     console.print(f"{len(entries)} message(s), {int(entries['bytes'].sum()) if len(entries) else 0} bytes in all")
 
 
+def package(run_dir: Path = typer.Argument(..., help="A finished run directory (results.json, study.toml)."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default RUN_DIR/package).")):
+    """Build the model package a new site validates with (`fedrad validate`) from a finished run."""
+    import json
+
+    from common.errors import FedradError
+    from common.study import load_study
+    from server.package import write_package
+
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        written = write_package(run_dir, results, load_study(run_dir / "study.toml"), out)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    except FedradError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    console.print(f"model package: {written}")
+
+
 site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs to take part in a consortium.")
 coordinator_app = typer.Typer(no_args_is_help=True, help="Commands the coordinator runs.")
 

@@ -57,10 +57,11 @@ def data_mode(harmonise: dict | None) -> str:
     return "standardised" if harmonise.get("settings", {}).get("zscore") else "harmonised"
 
 
-def study_sites(census: dict, harmonise: dict | None, fed: Federation) -> list[str]:
-    """Sites that take part: those harmonised when the study harmonised, else those the census accepted."""
+def study_sites(census: dict, harmonise: dict | None, fed: Federation, study: Study) -> list[str]:
+    """Training sites: those harmonised when the study harmonised, else those the census accepted;
+    never a validation site."""
     sites = harmonise["sites"] if harmonise else list(census["sites"])
-    return [s for s in sites if s in fed.sites]
+    return [s for s in sites if s in fed.sites and s not in study.sites.validation]
 
 
 def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model, cv_folds: int,
@@ -98,7 +99,7 @@ def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model,
 
 def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | None, model: Model,
               traffic: StageTraffic, selected: list[str], fitted: dict[str, dict]) -> dict:
-    sites = study_sites(census, harmonise, fed)
+    sites = study_sites(census, harmonise, fed, study)
     left_out: dict[str, str] = {}
     while True:
         if len(sites) < study.federation.min_sites:
@@ -111,6 +112,7 @@ def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | Non
             result = _fit_once(fed, plan, model, sites, model_traffic)
             result.update(_after_fit(fed, plan, model, result, sites, study.outcome.horizons, model_traffic))
             result["score_sources"] = {"scores": plan["scores"], "external_scores": plan["external_scores"]}
+            result.setdefault("columns", plan["columns"])
             break
         except _SiteDropped as dropped:
             left_out.update(dropped.failures)

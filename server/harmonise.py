@@ -6,6 +6,9 @@ Round trips (each one message per site):
 2. ``query.combat_residuals`` sites send Σ(y-Xβ)², per-batch Σr, Σr² -> variance, EB estimates
 3. ``query.combat_adjust``    sites adjust their rows (kept in the store) and send z-score moments
 4. ``query.zscore_apply``     sites z-score with the pooled mean/SD (skipped when zscore = false)
+5. ``query.combat_validate``  validation sites harmonise themselves to the finished reference
+                              (their own batch effects, estimated locally; they send nothing back
+                              but a count) — only when the study names validation sites
 
 ComBat itself takes 3. A site that fails mid-stage is dropped and the stage restarts
 without it (a pooled fit that includes a site which then vanished would not equal ComBat
@@ -24,7 +27,8 @@ from flwr.common.logger import log
 
 from common.combat import (CombatMoments, CombatResiduals, DesignSpec, combine_combat_moments,
                            combine_combat_residuals, estimates_to_arrays, update_combat_estimates, update_combat_fit)
-from common.messages import COMBAT_ADJUST, COMBAT_MOMENTS, COMBAT_RESIDUALS, ZSCORE_APPLY, record_arrays, request
+from common.messages import (COMBAT_ADJUST, COMBAT_MOMENTS, COMBAT_RESIDUALS, COMBAT_VALIDATE, ZSCORE_APPLY,
+                             record_arrays, request)
 from common.study import SITE_BATCH, Study
 from common.zscore import ZMoments, combine_zscore_moments, update_zscore
 from server.federation import Federation, StageFailed, StageTraffic
@@ -42,6 +46,8 @@ def eligible_sites(census: dict, study: Study) -> tuple[list[str], dict[str, str
     """Sites that can take part, and why the others cannot (from their census)."""
     sites, excluded = [], {}
     for name, info in census["sites"].items():
+        if name in study.sites.validation:
+            continue  # harmonised to the reference afterwards, never part of the fit
         if info["problems"]:
             excluded[name] = "; ".join(info["problems"])
         elif info["small_batch_levels"]:
@@ -77,9 +83,26 @@ def run_harmonise(fed: Federation, study: Study, census: dict, reference_dir: Pa
             excluded.update(dropped.failures)
             sites = [s for s in sites if s not in dropped.failures]
             log(INFO, "harmonise: restarting without %s", ", ".join(dropped.failures))
+    result["validation"] = _harmonise_validation_sites(fed, study, census, traffic, result)
     result.update(sites=sites, left_out=excluded, restarts=attempts, traffic=traffic.summary(),
                   round_trips=traffic.rounds)
     return result
+
+
+def _harmonise_validation_sites(fed, study, census, traffic, result) -> dict:
+    """Each validation site adjusts its own rows to the reference; a failure is recorded, not fatal."""
+    sites = [s for s in study.sites.validation if s in census["sites"] and s in fed.sites]
+    missing = {s: "not connected or refused at the census" for s in study.sites.validation if s not in sites}
+    if not sites:
+        return {"sites": [], "failed": missing}
+    arrays = dict(np.load(Path(result["reference_dir"]) / REFERENCE_NPZ))
+    plan = {"study": study.model_dump(mode="json"), "features": census["features"], "design": result["design"],
+            "reference": result["reference"]}
+    outcome = fed.ask("harmonise", traffic.rounds + 1, COMBAT_VALIDATE, {s: request(plan, **arrays) for s in sites},
+                      {s: fed.sites[s] for s in sites}, traffic)
+    done = {s: dict(c["counts"]) if "counts" in c else {} for s, c in outcome.replies.items()}
+    log(INFO, "harmonise: %d validation site(s) harmonised to the reference", len(done))
+    return {"sites": sorted(done), "failed": {**missing, **outcome.failures}}
 
 
 def _ask(fed, traffic, round_no, message_type, sites, plan, **arrays):
@@ -142,6 +165,7 @@ def _harmonise_once(fed, study, census, sites, traffic, reference_dir) -> dict:
         _ask(fed, traffic, 4, ZSCORE_APPLY, sites,
              {**plan, "combat_reference": combat_reference, "reference": reference}, mean=scale.mean, sd=scale.sd)
     result["reference"] = reference
+    result["reference_dir"] = str(reference_dir)
     _save_reference(reference_dir, reference, reference_arrays, design, features, h.model_dump(mode="json"))
     log(INFO, "harmonise: %d batch level(s) over %d site(s), %d features; reference %s", len(spec.batch_levels),
         len(sites), len(features), reference[:12])

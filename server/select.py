@@ -32,7 +32,7 @@ def run_select(fed: Federation, study: Study, census: dict, harmonise: dict | No
     candidates = select_features(census["features"], Features(include=s.features, exclude=s.exclude))
     if not candidates:
         raise StageFailed(f"select: no feature matches {list(s.features)}")
-    sites = study_sites(census, harmonise, fed)
+    sites = study_sites(census, harmonise, fed, study)
     plan = {
         "study": study.model_dump(mode="json"), "features": candidates, "outcome": s.outcome, "ties": "efron",
         "time": study.outcome.time, "event": study.outcome.event,

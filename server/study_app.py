@@ -26,6 +26,7 @@ from common.errors import FedradError
 from common.study import Study, load_study
 from server.census import run_census
 from server.federation import Federation, StageFailed
+from server.evaluate import run_evaluate
 from server.fit import run_fit
 from server.select import run_select
 from server.harmonise import eligible_sites, run_harmonise
@@ -104,6 +105,16 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
         results["models"] = fit["models"]
         for name, model in fit["models"].items():
             runlog.figure("fit", f"rounds, model '{name}'", model["rounds"])
+    if "evaluate" in study.study.stages:
+        evaluation = _stage(runlog, results, "evaluate", lambda: run_evaluate(fed, study, census, results.get("harmonise"),
+                                                                              results["models"]))
+        results["evaluation"] = evaluation["evaluation"]
+        results["evaluation_settings"] = evaluation["settings"]
+    if "package" in study.study.stages:
+        from server.package import write_package
+
+        results["package"] = str(write_package(run_dir, results, study))
+        log(INFO, "package: %s", results["package"])
 
 
 def _stage(runlog: RunLog, results: dict, name: str, body) -> dict:

@@ -1,0 +1,113 @@
+"""`fedrad validate`: a new hospital validates a finished model package alone, offline.
+
+Checks first (a clear refusal, nothing written): the store was extracted with the package's
+pyradiomics settings (same hash), and it holds every feature the harmonisation and the
+models use. Then, on a working copy of the store under ``OUT/store`` (the hospital's store
+is never written): harmonise to the package's reference exactly as a validation site of a
+federated study does, score every case with every model, and compute the same per-site
+metrics the `evaluate` stage reports. Writes ``OUT/predictions.csv`` (one row per case and
+model: linear predictor and predicted risk), ``OUT/metrics.json`` and prints a table.
+Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from client.site_evaluate import metrics_reply, score_model
+from client.site_harmonise import validate_reply
+from client.store import FEATURES, META, PARAMS as STORE_PARAMS, QUARANTINE, open_store
+from common import schemas
+from common.evaluation import site_metrics
+from common.messages import record_arrays
+from common.package import PackageError, read_package
+
+SITE = "validation"
+
+
+def check_store(manifest: dict, store) -> None:
+    """Refuse a store extracted with other settings or lacking features the package needs."""
+    if (store.params_hash or "") != manifest["params_hash"]:
+        raise PackageError(
+            f"store '{store.path}' was extracted with other pyradiomics settings (params hash "
+            f"{(store.params_hash or 'none')[:12]}, the package's is {manifest['params_hash'][:12]}); re-extract "
+            f"with the package's params.yaml: fedrad prepare ... --params PACKAGE/params.yaml")
+    needed = list(manifest["features"]) if manifest.get("harmonisation") else []
+    for model in manifest["scoring"]["models"]:
+        needed += [c for c in model["columns"] if schemas.is_feature_column(c)]
+        needed += [c for scores in model["scores"].values() for c in scores if schemas.is_feature_column(c)]
+    missing = sorted({c for c in needed if c not in store.features.columns})
+    if missing:
+        raise PackageError(f"store '{store.path}' lacks {len(missing)} feature(s) the package's harmonisation or "
+                           f"models use, e.g. {', '.join(missing[:5])}")
+    clinical = sorted({c for m in manifest["scoring"]["models"] for c in m["columns"]
+                       if not schemas.is_feature_column(c) and c not in {s for s in m["scores"]}
+                       and c not in m["external_scores"]} - set(store.features.columns))
+    if clinical:
+        raise PackageError(f"store '{store.path}' lacks clinical column(s) the models use: {', '.join(clinical)}")
+
+
+def _working_copy(store_path: Path, out: Path) -> Path:
+    work = out / "store"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for name in (FEATURES, META, QUARANTINE, STORE_PARAMS, "scores.parquet"):
+        if (store_path / name).is_file():
+            shutil.copyfile(store_path / name, work / name)
+    return work
+
+
+def validate(package: Path, store_path: Path, out: Path) -> dict:
+    manifest = read_package(package)
+    store = open_store(store_path)
+    check_store(manifest, store)
+    out = Path(out)
+    work = open_store(_working_copy(Path(store_path), out))
+    harmonisation = manifest.get("harmonisation")
+    if harmonisation:
+        arrays = dict(np.load(Path(package) / harmonisation["arrays"]))
+        plan = {"study": manifest["study"], "features": manifest["features"], "design": harmonisation["design"],
+                "reference": harmonisation["reference"]}
+        validate_reply(work, plan, SITE, arrays, run_id=0)
+    scoring = manifest["scoring"]
+    frames = []
+    for model in scoring["models"]:
+        scored = score_model(work, scoring, SITE, model)
+        risk = np.full(len(scored.ids), np.nan)
+        risk[scored.known] = scored.risk
+        frames.append(pd.DataFrame({schemas.ID: scored.ids, "model": model["name"], "linear_predictor": scored.lp,
+                                    "predicted_risk": risk, "high_risk": risk >= model["cutoff"]}))
+    predictions = pd.concat(frames, ignore_index=True)
+    predictions.to_csv(out / "predictions.csv", index=False)
+    content, _ = metrics_reply(work, scoring, SITE, min_count=1)  # nothing leaves: no suppression needed
+    metrics = site_metrics(scoring, record_arrays(content["arrays"]), True)
+    report = {"package": str(Path(package).resolve()), "store": str(Path(store_path).resolve()),
+              "study": manifest["study"]["study"]["name"], "fedrad_version": manifest["fedrad_version"],
+              "metrics": metrics, "study_metrics": {k: v for k, v in manifest["evaluation"].items()
+                                                    if k in ("pooled", "pooled_validation")}}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def metrics_table(report: dict) -> pd.DataFrame:
+    rows = []
+    for name, m in report["metrics"].items():
+        if not isinstance(m, dict):
+            continue
+        ci = m.get("c_index_ci") or [None, None]
+        study = report["study_metrics"].get("pooled", {}).get(name, {})
+        rows.append({"model": name, "cases": m["n"], "C-index": _fmt(m["c_index"]),
+                     "95% CI": f"{_fmt(ci[0])}-{_fmt(ci[1])}", "AUC": _fmt(m["auc"]),
+                     "cal. slope": _fmt(m["calibration_slope"]), "sens": _fmt(m["sensitivity"]),
+                     "spec": _fmt(m["specificity"]), "C (study, pooled training)": _fmt(study.get("c_index"))})
+    return pd.DataFrame(rows)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,73 @@
+"""One site's evaluation figures from the arrays its `evaluate` reply carries.
+
+Shared by the coordinator (every site of a federated study) and `fedrad validate` (a new
+hospital, offline), so both report a site the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.messages import EVALUATION_SCALARS
+from common.survival_curves import RiskTable, logrank_test
+
+__all__ = ["site_metrics", "binary_metrics", "logrank_p", "clean", "scalars", "nan_to_none"]
+
+
+def scalars(part: dict, name: str) -> dict:
+    return dict(zip(EVALUATION_SCALARS, part[f"{name}__scalars"].tolist()))
+
+
+def nan_to_none(value):
+    return None if value is None or (isinstance(value, float) and not np.isfinite(value)) else value
+
+
+def binary_metrics(confusion) -> dict:
+    tp, fp, fn, tn = (float(v) for v in confusion)
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    return {"sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
+            "accuracy": ratio(tp + tn, tp + fp + fn + tn), "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn),
+            "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}}
+
+
+def site_metrics(plan: dict, part: dict, is_validation: bool) -> dict:
+    out = {"role": "validation" if is_validation else "training"}
+    for entry in plan["models"]:
+        name = entry["name"]
+        s = scalars(part, name)
+        metrics = {
+            "n": int(s["n"]), "events": int(s["events"]), "c_index": s["c_index"],
+            "c_index_ci": [s["c_index_lo"], s["c_index_hi"]], "uno_c": s["uno_c"],
+            "auc": s["auc"], "auc_ci": [s["auc_lo"], s["auc_hi"]],
+            "auc_td": dict(zip(map(str, plan["horizons"]), part[f"{name}__td_auc"].tolist())),
+            "brier": dict(zip(map(str, plan["horizons"]), part[f"{name}__brier"].tolist())),
+            "ibs": s["ibs"], "brier_binary": s["brier_binary"],
+            "calibration_intercept": s["calibration_intercept"], "calibration_slope": s["calibration_slope"],
+            "hl_statistic": s["hl_statistic"], "hl_p": s["hl_p"],
+            "cutoff": entry["cutoff"], "n_binary": int(s["n_binary"]), "left_out_binary": int(s["left_out"]),
+            **binary_metrics(part[f"{name}__confusion"]),
+        }
+        if entry["kind"] == "cox":
+            table = RiskTable(np.asarray(plan["km_grid"]), part[f"{name}__km_at_risk"], part[f"{name}__km_events"])
+            metrics["logrank_p"] = logrank_p(table)
+        out[name] = clean(metrics)
+    return out
+
+
+def logrank_p(table: RiskTable):
+    if (table.events.sum(axis=1) == 0).any() or (table.at_risk[:, 0] == 0).any():
+        return None
+    try:
+        return logrank_test(table)[2]
+    except np.linalg.LinAlgError:
+        return None
+
+
+def clean(obj):
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return nan_to_none(float(obj))
+    return obj

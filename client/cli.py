@@ -146,8 +146,11 @@ def validate(
     except FedradError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
+    from server.report import write_validation_report
+
     console.print(table_of(metrics_table(report), f"validation of study '{report['study']}' on {store}"))
     console.print(f"per-case predictions: {out / 'predictions.csv'} (they stay here); metrics: {out / 'metrics.json'}")
+    console.print(f"report: {write_validation_report(out, report)}")
 
 
 # Federation commands live with the coordinator code; one `fedrad` command serves both roles.

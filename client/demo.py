@@ -66,7 +66,7 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
                   "(the best a model can do); prep_s: extraction seconds")
     console.print(f"stores in {out / 'stores'}; summary in {out / 'summary.csv'}")
 
-    console.rule("3. federated study on a local federation (census, harmonise, fit, evaluate)")
+    console.rule("3. federated study on a local federation (census, harmonise, fit, evaluate, package)")
     study = out / "study.toml"
     validation = [summary["site"].iloc[-1]] if n_sites >= 3 else []
     study.write_text(demo_study(validation))
@@ -95,13 +95,18 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
         console.print(table_of(table, "evaluation: every model at every site (validation site last; 'pooled' = the "
                                       "training sites, site-stratified)"))
         console.print(f"evaluation table: {out / 'evaluation.csv'}; all figures in {out / 'study' / 'results.json'}")
+    if results["status"] == "completed":
+        from server.report import write_report
+
+        report = write_report(out / "study", results, extra_images=[out / "scanner_effect.png"])
+        console.print(f"report: {report}")
     console.print(f"wall time {time.perf_counter() - started:.0f} s")
     return summary
 
 
 def demo_study(validation: list[str]) -> str:
     """The demo's study file; ``validation`` sites are held out of every fit and evaluated."""
-    stages = '["census", "harmonise", "fit", "evaluate"]'
+    stages = '["census", "harmonise", "fit", "evaluate", "package"]'
     return DEMO_STUDY.replace("@STAGES@", stages).replace("@VALIDATION@", json.dumps(validation))
 
 

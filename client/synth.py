@@ -65,7 +65,7 @@ def site_profiles(n_sites: int, rng: np.random.Generator) -> list[SiteProfile]:
     for i in range(n_sites):
         scanners = (models[i % len(models)],)
         if i == 0 and n_sites > 1:
-            scanners = (models[0], models[(n_sites) % len(models)])
+            scanners = (models[0], models[n_sites % len(models) or len(models) - 1])
         if i == n_sites - 1 and n_sites > 2:
             scanners = (models[0],)
         profiles.append(

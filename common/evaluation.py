@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from common.messages import EVALUATION_SCALARS
-from common.survival_curves import RiskTable, logrank_test
+from common.survival_curves import RiskTable, kaplan_meier, logrank_test
 
-__all__ = ["site_metrics", "binary_metrics", "logrank_p", "clean", "scalars", "nan_to_none"]
+__all__ = ["site_metrics", "binary_metrics", "logrank_p", "clean", "scalars", "nan_to_none", "roc_points",
+           "calibration_points"]
 
 
 def scalars(part: dict, name: str) -> dict:
@@ -47,11 +48,31 @@ def site_metrics(plan: dict, part: dict, is_validation: bool) -> dict:
             "cutoff": entry["cutoff"], "n_binary": int(s["n_binary"]), "left_out_binary": int(s["left_out"]),
             **binary_metrics(part[f"{name}__confusion"]),
         }
+        metrics["roc"] = roc_points(part[f"{name}__decision"], s["n_binary"], s["events_binary"])
+        metrics["calibration_curve"] = calibration_points(part[f"{name}__calibration"])
         if entry["kind"] == "cox":
             table = RiskTable(np.asarray(plan["km_grid"]), part[f"{name}__km_at_risk"], part[f"{name}__km_events"])
             metrics["logrank_p"] = logrank_p(table)
+            metrics["kaplan_meier"] = kaplan_meier(table).to_dict(orient="list")
         out[name] = clean(metrics)
     return out
+
+
+def roc_points(decision, n: float, events: float) -> dict | None:
+    """ROC curve from true/false positives at the decision-curve thresholds (rows of ``decision``)."""
+    if not events or n <= events:
+        return None
+    tpr = np.r_[1.0, np.asarray(decision[0], float) / events, 0.0]
+    fpr = np.r_[1.0, np.asarray(decision[1], float) / (n - events), 0.0]
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def calibration_points(calibration) -> dict:
+    """Mean predicted and observed risk per non-empty (unsuppressed) bin: rows n, Σy, Σp, Σp(1−p)."""
+    n, observed, expected = (np.asarray(calibration[i], float) for i in range(3))
+    keep = n > 0
+    return {"n": n[keep].tolist(), "predicted": (expected[keep] / n[keep]).tolist(),
+            "observed": (observed[keep] / n[keep]).tolist()}
 
 
 def logrank_p(table: RiskTable):

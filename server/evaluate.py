@@ -29,7 +29,7 @@ from common.calibration import CalibrationSums, calibration_table, hosmer_lemesh
 from common.decision import DecisionCounts, net_benefit
 from common.discrimination import PairCounts, combine_pair_counts
 from common.errors import FedradError
-from common.evaluation import binary_metrics, clean, logrank_p, scalars, site_metrics
+from common.evaluation import binary_metrics, clean, logrank_p, roc_points, scalars, site_metrics
 from common.logistic import update_logistic_newton
 from common.messages import EVALUATE_CALIBRATION, EVALUATE_METRICS, EVALUATE_THRESHOLDS, record_arrays, request
 from common.newton import NewtonSummary, combine_newton, start_newton
@@ -175,7 +175,8 @@ def _pooled_metrics(plan: dict, parts: list[dict], sites: list[str], slopes: dic
         n = np.array([s["n"] for s in per_site])
         metrics = {
             "n": int(n.sum()), "events": int(sum(s["events"] for s in per_site)),
-            "c_index": pairs.c, "c_index_pairs": pairs.pairs, "c_index_ci": None,
+            "c_index": pairs.c, "c_index_pairs": pairs.pairs,
+            "c_index_ci": _pooled_ci(pairs.c, [PairCounts(*p[f"{name}__pairs"]).pairs for p in parts], per_site),
             "auc": auc_pairs.c, "auc_ci": [auc_pairs.c - q * np.sqrt(auc_var), auc_pairs.c + q * np.sqrt(auc_var)],
             "auc_td": {str(h): _weighted([p[f"{name}__td_auc"][i] for p in parts], n)
                        for i, h in enumerate(plan["horizons"])},
@@ -188,6 +189,7 @@ def _pooled_metrics(plan: dict, parts: list[dict], sites: list[str], slopes: dic
             "hl_statistic": hl_stat, "hl_df": hl_df, "hl_p": hl_p,
             "cutoff": entry["cutoff"], "n_binary": int(n_binary),
             "decision_curve": curve.to_dict(orient="list"),
+            "roc": roc_points(dca, n_binary, events_binary),
             **binary_metrics(np.sum([p[f"{name}__confusion"] for p in parts], axis=0)),
         }
         if entry["kind"] == "cox":
@@ -198,6 +200,17 @@ def _pooled_metrics(plan: dict, parts: list[dict], sites: list[str], slopes: dic
         out[name] = clean(metrics)
     out["delong"] = _pooled_delong(plan, parts)
     return out
+
+
+def _pooled_ci(c: float, pairs: list[float], per_site: list[dict]) -> list[float] | None:
+    """Normal-approximation 95% CI of the site-stratified C: Var = Σ w_s² SE_s², w_s the site's share of
+    usable pairs, SE_s from the site's bootstrap interval ((high − low) / 2·1.96); sites are independent."""
+    se = np.array([(s["c_index_hi"] - s["c_index_lo"]) / (2 * stats.norm.ppf(0.975)) for s in per_site])
+    w = np.asarray(pairs, dtype=float) / max(sum(pairs), 1)
+    if not np.all(np.isfinite(se)):
+        return None
+    half = stats.norm.ppf(0.975) * float(np.sqrt(np.sum(w ** 2 * se ** 2)))
+    return [c - half, c + half]
 
 
 def _in_the_large(per_site: list[dict]) -> dict | None:

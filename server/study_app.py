@@ -73,6 +73,17 @@ def main(grid: Grid, context: Context) -> None:
         results["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         (run_dir / RESULTS).write_text(json.dumps(results, indent=2, default=str))
         runlog.close()
+        _report(run_dir, results)
+
+
+def _report(run_dir: Path, results: dict) -> None:
+    """report.html beside results.json; a failure to draw it is logged, never fatal to the study."""
+    try:
+        from server.report import write_report
+
+        log(INFO, "report: %s", write_report(run_dir, results))
+    except Exception as exc:  # noqa: BLE001 - the numbers are in results.json whatever happens here
+        log(ERROR, "report.html could not be written: %r", exc)
 
 
 def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> None:

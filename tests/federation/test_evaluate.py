@@ -188,3 +188,18 @@ def test_validate_refuses_other_extraction_settings_and_missing_features(evaluat
     with pytest.raises(PackageError, match="lacks 1 feature.*table__original_firstorder_F03"):
         validate(run / "package", _site_d_store(tmp_path / "b", table, drop=["original_firstorder_F03"]),
                  tmp_path / "out")
+
+
+def test_report_is_one_self_contained_html_file(evaluated, tmp_path):
+    from server.report import write_validation_report
+
+    _, stores, results, run = evaluated
+    text = (run / "report.html").read_text(encoding="utf-8")
+    for section in ("Cohort", "Harmonisation", "Models", "Performance", "TRIPOD-AI checklist", "siteD",
+                    "validation sites (pooled)"):
+        assert section in text, section
+    assert text.count("data:image/png;base64,") >= 3
+    assert "src=\"http" not in text and "<link" not in text  # nothing fetched from elsewhere
+    report = validate(run / "package", stores["siteD"], tmp_path / "out")
+    page = write_validation_report(tmp_path / "out", report).read_text(encoding="utf-8")
+    assert "rad_logit" in page and "data:image/png;base64," in page

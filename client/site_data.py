@@ -53,8 +53,8 @@ def design_spec(plan: dict) -> DesignSpec:
                       continuous=tuple(design["continuous"]))
 
 
-def harmonise_inputs(table: pd.DataFrame, plan: dict, site: str):
-    """(ids, y, X, spec) for ComBat: features, design matrix in the study's global levels."""
+def harmonise_columns(table: pd.DataFrame, plan: dict, site: str):
+    """(batch labels, covariates, y, spec) of this site's rows, checked: what ComBat reads."""
     features = plan["features"]
     absent = [c for c in features if c not in table.columns]
     if absent:
@@ -64,11 +64,16 @@ def harmonise_inputs(table: pd.DataFrame, plan: dict, site: str):
     if problem:
         raise StoreError(problem)
     covariates = {name: table[name].to_numpy() for name in study["categorical"] + study["continuous"]}
-    spec = design_spec(plan)
-    X = design_matrix(labels.to_numpy(), covariates, spec)
     y = table[features].to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(y)):
         raise StoreError("feature values include NaN/inf")
+    return labels.astype(str).to_numpy(), covariates, y, design_spec(plan)
+
+
+def harmonise_inputs(table: pd.DataFrame, plan: dict, site: str):
+    """(ids, y, X, spec) for ComBat: features, design matrix in the study's global levels."""
+    labels, covariates, y, spec = harmonise_columns(table, plan, site)
+    X = design_matrix(labels, covariates, spec)
     return table[schemas.ID].astype(str).to_numpy(), y, X, spec
 
 

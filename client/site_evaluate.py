@@ -108,6 +108,8 @@ def _survival_scalars(s: Scored, plan: dict, model: dict, out: dict) -> dict:
     tau = float(horizons.max())
     try:
         scalars["uno_c"] = uno_c(s.time, s.event, s.lp, tau=tau)
+        scalars["uno_c_lo"], scalars["uno_c_hi"] = _bootstrap(
+            plan, len(s.lp), lambda rows: uno_c(s.time[rows], s.event[rows], s.lp[rows], tau=tau))
     except ValueError:
         scalars["uno_c"] = float("nan")
     usable = horizons[(horizons > s.time.min()) & (horizons < s.time.max())]

@@ -13,8 +13,8 @@ import pandas as pd
 from flwr.app import MetricRecord, RecordDict
 
 from client.privacy import Disclosure
-from client.site_data import (HARMONISED, STANDARDISED, batch_labels, design_spec, harmonise_inputs,
-                              read_harmonised_meta, site_log, write_feature_table, write_harmonised_meta)
+from client.site_data import (HARMONISED, STANDARDISED, harmonise_columns, harmonise_inputs, read_harmonised_meta,
+                              site_log, write_feature_table, write_harmonised_meta)
 from client.store import FeatureStore
 from common import schemas
 from common.errors import StoreError
@@ -100,19 +100,8 @@ def validate_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run
     """
     table = store.features
     features = plan["features"]
-    absent = [c for c in features if c not in table.columns]
-    if absent:
-        raise StoreError(f"the store lacks {len(absent)} feature column(s) the study uses, e.g. {absent[:3]}")
     harmonise = plan["study"]["harmonise"]
-    labels, problem = batch_labels(table, harmonise["batch"], site)
-    if problem:
-        raise StoreError(problem)
-    labels = labels.astype(str).to_numpy()
-    spec = design_spec(plan)
-    covariates = {name: table[name].to_numpy() for name in harmonise["categorical"] + harmonise["continuous"]}
-    y = table[features].to_numpy(dtype=np.float64)
-    if not np.all(np.isfinite(y)):
-        raise StoreError("feature values include NaN/inf")
+    labels, covariates, y, spec = harmonise_columns(table, plan, site)
     placeholder = np.full(len(table), spec.batch_levels[0])  # only the covariate columns are used
     covariate_design = design_matrix(placeholder, covariates, spec)[:, spec.n_batch:]
     estimates = estimates_from_arrays(arrays, spec)

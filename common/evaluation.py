@@ -39,6 +39,7 @@ def site_metrics(plan: dict, part: dict, is_validation: bool) -> dict:
         metrics = {
             "n": int(s["n"]), "events": int(s["events"]), "c_index": s["c_index"],
             "c_index_ci": [s["c_index_lo"], s["c_index_hi"]], "uno_c": s["uno_c"],
+            "uno_c_ci": [s["uno_c_lo"], s["uno_c_hi"]],
             "auc": s["auc"], "auc_ci": [s["auc_lo"], s["auc_hi"]],
             "auc_td": dict(zip(map(str, plan["horizons"]), part[f"{name}__td_auc"].tolist())),
             "brier": dict(zip(map(str, plan["horizons"]), part[f"{name}__brier"].tolist())),
@@ -55,7 +56,26 @@ def site_metrics(plan: dict, part: dict, is_validation: bool) -> dict:
             metrics["logrank_p"] = logrank_p(table)
             metrics["kaplan_meier"] = kaplan_meier(table).to_dict(orient="list")
         out[name] = clean(metrics)
+    out["delong"] = site_delong_tests(plan, part)
     return out
+
+
+def site_delong_tests(plan: dict, part: dict) -> list[dict]:
+    """DeLong's test of every pair of models scored on the same rows at this site."""
+    from scipy import stats
+
+    tests = []
+    for group, names in plan.get("delong_groups", {}).items():
+        if f"delong__{group}__cov" not in part:
+            continue
+        auc, cov = part[f"delong__{group}__auc"], part[f"delong__{group}__cov"]
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                var = cov[a, a] + cov[b, b] - 2 * cov[a, b]
+                z = (auc[a] - auc[b]) / np.sqrt(var) if var > 0 else np.nan
+                tests.append(clean({"models": [names[a], names[b]], "auc": [float(auc[a]), float(auc[b])],
+                                    "z": float(z), "p": float(2 * stats.norm.sf(abs(z))) if np.isfinite(z) else np.nan}))
+    return tests
 
 
 def roc_points(decision, n: float, events: float) -> dict | None:

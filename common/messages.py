@@ -31,7 +31,7 @@ MODEL_BASELINE = "query.model_baseline"
 #: per-site scalars of the evaluate stage, in this order, in each model's ``<model>__scalars`` array
 EVALUATION_SCALARS = ("n", "events", "n_binary", "events_binary", "left_out", "c_index", "c_index_lo", "c_index_hi",
                       "uno_c", "auc", "auc_lo", "auc_hi", "auc_var", "brier_binary", "ibs", "hl_statistic", "hl_p",
-                      "calibration_intercept", "calibration_slope", "sum_risk")
+                      "calibration_intercept", "calibration_slope", "sum_risk", "uno_c_lo", "uno_c_hi")
 
 #: error codes of a site's own refusal (privacy guard) and failure (data or settings); any
 #: other code is Flower's (node unavailable, ClientApp crashed, ...).

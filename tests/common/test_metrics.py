@@ -167,10 +167,10 @@ def test_coarse_grid_rounds_event_times_up():
 
 
 def test_site_survival_metrics_and_bootstrap_intervals(scored):
-    from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc
+    from sksurv.metrics import brier_score, concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
     from sksurv.util import Surv
 
-    from common.survival_metrics import bootstrap_ci, harrell_c, time_dependent_auc, uno_c
+    from common.survival_metrics import bootstrap_ci, brier_scores, harrell_c, time_dependent_auc, uno_c
 
     site = scored[scored["site"] == "A"].reset_index(drop=True)
     t, e, r = site["time"].to_numpy(), site["event"].to_numpy(), site["risk"].to_numpy()
@@ -178,7 +178,13 @@ def test_site_survival_metrics_and_bootstrap_intervals(scored):
     assert uno_c(t, e, r, tau=1500) == concordance_index_ipcw(y, y, r, tau=1500)[0]
     auc, mean = time_dependent_auc(t, e, r, [500, 1000, 1500])
     ref_auc, ref_mean = cumulative_dynamic_auc(y, y, r, [500, 1000, 1500])
-    np.testing.assert_array_equal(auc, ref_auc) and mean == ref_mean
+    np.testing.assert_array_equal(auc, ref_auc)
+    assert mean == ref_mean
+    times = np.array([500.0, 1000.0, 1500.0])
+    survival = np.exp(-np.outer(np.exp(r), times / 3000))
+    scores, ibs = brier_scores(t, e, survival, times)
+    np.testing.assert_array_equal(scores, brier_score(y, y, survival, times)[1])
+    assert ibs == integrated_brier_score(y, y, survival, times)
     c = harrell_c(t, e, r)
     low, high = bootstrap_ci(lambda rows: harrell_c(t[rows], e[rows], r[rows]), len(t), n_boot=100, seed=1)
     assert low < c < high and high - low < 0.2

@@ -126,7 +126,7 @@ def test_nomogram_model_uses_the_rad_score_and_independent_factors(signed):
     table, models, _ = signed
     rad = models["rad_score"]["coefficients"]
     np.testing.assert_allclose([rad[f"table__{c}"] for c in RAD], stratified(table, RAD).params_[RAD], rtol=1e-6)
-    frame = table.assign(rad_score=table[RAD].to_numpy() @ np.array([rad[f"table__{c}"] for c in RAD]))
+    frame = _with_rad_score(table, models)
     columns = models["clinical"]["independent"] + ["rad_score"]
     ref = stratified(frame, columns)
     got = models["nomogram"]
@@ -140,8 +140,7 @@ def test_baseline_hazard_per_site_equals_sksurv_breslow(signed):
     table, models, _ = signed
     got = models["nomogram"]
     columns = list(got["coefficients"])
-    frame = table.assign(rad_score=table[RAD].to_numpy() @ np.array(
-        [models["rad_score"]["coefficients"][f"table__{c}"] for c in RAD]))
+    frame = _with_rad_score(table, models)
     beta = np.array([got["coefficients"][c] for c in columns])
     sizes = table["site"].value_counts()
     for site, rows in frame.groupby("site"):
@@ -157,8 +156,7 @@ def test_nomogram_points_reproduce_the_linear_predictor_and_plot_exists(signed):
     table, models, run = signed
     got = models["nomogram"]
     nomogram = nomogram_from_dict(got["nomogram"])
-    frame = table.assign(rad_score=table[RAD].to_numpy() @ np.array(
-        [models["rad_score"]["coefficients"][f"table__{c}"] for c in RAD]))
+    frame = _with_rad_score(table, models)
     total = nomogram.total_points({a.name: frame[a.name].to_numpy() for a in nomogram.axes})
     lp = frame[list(got["coefficients"])].to_numpy() @ np.array(list(got["coefficients"].values()))
     np.testing.assert_allclose(nomogram.linear_predictor(total), lp, atol=1e-10)

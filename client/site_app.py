@@ -23,6 +23,7 @@ from client.privacy import PrivacyRefusal, check_reply, scrub
 from client.site_census import census_reply
 from client.site_data import site_log
 from client.site_select import select_sums_reply
+from client.site_cnn import scores_reply, train_reply
 from client.site_evaluate import calibration_newton_reply, metrics_reply, thresholds_reply
 from client.site_fit import baseline_reply, event_times_reply, model_summaries_reply, risk_sets_reply
 from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, validate_reply, zscore_reply
@@ -168,3 +169,15 @@ def evaluate_metrics(msg: Message, context: Context) -> Message:
 def evaluate_calibration(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
                   calibration_newton_reply(store, plan, site, _arrays(msg)))
+
+
+@app.train("cnn")
+def train_cnn(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  train_reply(store, plan, site, _arrays(msg)))
+
+
+@app.query("cnn_scores")
+def cnn_scores(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  scores_reply(store, plan, site, _arrays(msg)))

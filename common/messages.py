@@ -22,6 +22,8 @@ COMBAT_VALIDATE = "query.combat_validate"
 EVALUATE_THRESHOLDS = "query.evaluate_thresholds"
 EVALUATE_METRICS = "query.evaluate_metrics"
 EVALUATE_CALIBRATION = "query.evaluate_calibration"
+TRAIN_CNN = "train.cnn"
+CNN_SCORES = "query.cnn_scores"
 MODEL_SUMMARIES = "query.model_summaries"
 SELECT_SUMS = "query.select_sums"
 COX_EVENT_TIMES = "query.cox_event_times"
@@ -41,7 +43,8 @@ SITE_FAILED = 902
 #: the stage each message type belongs to (the ledger names it).
 STAGE_OF = {CENSUS: "census", COMBAT_MOMENTS: "harmonise", COMBAT_RESIDUALS: "harmonise",
             COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise", COMBAT_VALIDATE: "harmonise",
-            EVALUATE_THRESHOLDS: "evaluate", EVALUATE_METRICS: "evaluate", EVALUATE_CALIBRATION: "evaluate", MODEL_SUMMARIES: "fit",
+            EVALUATE_THRESHOLDS: "evaluate", EVALUATE_METRICS: "evaluate", EVALUATE_CALIBRATION: "evaluate",
+            TRAIN_CNN: "train_cnn", CNN_SCORES: "train_cnn", MODEL_SUMMARIES: "fit",
             COX_EVENT_TIMES: "fit", COX_RISK_SETS: "fit", MODEL_BASELINE: "fit", SELECT_SUMS: "select"}
 
 

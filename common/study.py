@@ -48,7 +48,7 @@ __all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features"
            "model_references"]
 
 #: stages in the order a study runs them (later issues add select, evaluate, package).
-STAGES = ("census", "harmonise", "select", "fit", "evaluate", "package")
+STAGES = ("census", "harmonise", "train_cnn", "select", "fit", "evaluate", "package")
 #: the model feature entry that stands for the `select` stage's result.
 SELECTED = "@select"
 #: the batch name meaning "each site is its own batch".
@@ -199,6 +199,26 @@ class Evaluate(_Section):
         return cutoff
 
 
+class Cnn(_Section):
+    """The `train_cnn` stage: a MONAI network trained by federated averaging (FedProx when proximal_mu > 0);
+    afterwards each site writes the DL-score (``dl_score`` in STORE/scores.parquet, usable as a model score)
+    and the penultimate-layer deep features (STORE/deep_features.parquet) of its cases."""
+
+    phases: tuple[str, ...] = ("venous",)
+    architecture: Literal["resnet18", "densenet121"] = "resnet18"
+    dims: Literal[2, 3] = 2
+    box: tuple[int, int, int] = (48, 48, 16)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
+    window: tuple[float, float] = (-200.0, 300.0)
+    endpoint: Literal["cox", "binary"] = "cox"
+    rounds: int = Field(5, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=2)
+    proximal_mu: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
 class Privacy(_Section):
     min_count: int = Field(5, ge=1, description="smallest number of cases any aggregate may come from")
 
@@ -221,6 +241,7 @@ class Study(_Section):
     models: tuple[Model, ...] = ()
     sites: Sites = Sites()
     evaluate: Evaluate = Evaluate()
+    cnn: Cnn = Cnn()
 
     @model_validator(mode="after")
     def _models_for_fit(self):

@@ -107,6 +107,11 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
             runlog.save_result("harmonise", key, harmonise)
             for level, iterations in harmonise["eb_iterations"].items():
                 runlog.figure("harmonise", f"EB iterations, batch '{level}'", iterations)
+    if "train_cnn" in study.study.stages:
+        from server.train_cnn import run_train_cnn
+
+        results["cnn"] = _stage(runlog, results, "train_cnn",
+                                lambda: run_train_cnn(fed, study, census, results.get("harmonise"), run_dir))
     if "select" in study.study.stages:
         results["select"] = _stage(runlog, results, "select",
                                    lambda: run_select(fed, study, census, results.get("harmonise")))

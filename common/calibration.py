@@ -16,7 +16,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["CalibrationSums", "site_calibration_sums", "combine_calibration_sums", "calibration_table",
-           "hosmer_lemeshow", "calibration_in_the_large", "slope_design", "decile_edges", "EPS"]
+           "hosmer_lemeshow", "calibration_in_the_large", "in_the_large", "slope_design", "decile_edges", "EPS"]
 
 #: probabilities are clipped to [EPS, 1 - EPS] before taking logits
 EPS = 1e-12
@@ -73,10 +73,15 @@ def hosmer_lemeshow(sums: CalibrationSums) -> tuple[float, int, float]:
 
 
 def calibration_in_the_large(sums: CalibrationSums) -> dict:
-    """Observed minus mean predicted risk, and the observed/expected ratio."""
-    n, o, e = sums.n.sum(), sums.observed.sum(), sums.expected.sum()
-    return {"observed_rate": float(o / n), "predicted_rate": float(e / n), "difference": float((o - e) / n),
-            "o_e_ratio": float(o / e)}
+    """Observed minus mean predicted risk, and the observed/expected ratio, over all bins."""
+    return in_the_large(sums.n.sum(), sums.observed.sum(), sums.expected.sum())
+
+
+def in_the_large(n: float, observed: float, expected: float) -> dict:
+    """From totals: n cases, Σy observed events, Σp expected events."""
+    return {"observed_rate": float(observed / n), "predicted_rate": float(expected / n),
+            "difference": float((observed - expected) / n),
+            "o_e_ratio": float(observed / expected) if expected else None}
 
 
 def slope_design(p) -> np.ndarray:

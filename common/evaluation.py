@@ -12,7 +12,7 @@ from common.messages import EVALUATION_SCALARS
 from common.survival_curves import RiskTable, kaplan_meier, logrank_test
 
 __all__ = ["site_metrics", "binary_metrics", "logrank_p", "clean", "scalars", "nan_to_none", "roc_points",
-           "calibration_points"]
+           "calibration_points", "delong_pair_tests", "site_delong_tests"]
 
 
 def scalars(part: dict, name: str) -> dict:
@@ -62,53 +62,22 @@ def site_metrics(plan: dict, part: dict, is_validation: bool) -> dict:
 
 def site_delong_tests(plan: dict, part: dict) -> list[dict]:
     """DeLong's test of every pair of models scored on the same rows at this site."""
-    from scipy import stats
-
     tests = []
     for group, names in plan.get("delong_groups", {}).items():
-        if f"delong__{group}__cov" not in part:
-            continue
-        auc, cov = part[f"delong__{group}__auc"], part[f"delong__{group}__cov"]
-        for a in range(len(names)):
-            for b in range(a + 1, len(names)):
-                var = cov[a, a] + cov[b, b] - 2 * cov[a, b]
-                z = (auc[a] - auc[b]) / np.sqrt(var) if var > 0 else np.nan
-                tests.append(clean({"models": [names[a], names[b]], "auc": [float(auc[a]), float(auc[b])],
-                                    "z": float(z), "p": float(2 * stats.norm.sf(abs(z))) if np.isfinite(z) else np.nan}))
+        if f"delong__{group}__cov" in part:
+            tests += delong_pair_tests(names, part[f"delong__{group}__auc"], part[f"delong__{group}__cov"])
     return tests
 
 
-def roc_points(decision, n: float, events: float) -> dict | None:
-    """ROC curve from true/false positives at the decision-curve thresholds (rows of ``decision``)."""
-    if not events or n <= events:
-        return None
-    tpr = np.r_[1.0, np.asarray(decision[0], float) / events, 0.0]
-    fpr = np.r_[1.0, np.asarray(decision[1], float) / (n - events), 0.0]
-    return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+def delong_pair_tests(names: list[str], auc, cov) -> list[dict]:
+    """z and two-sided p of AUC(a) − AUC(b) for every pair, from the AUCs and their DeLong covariance."""
+    from scipy import stats
 
-
-def calibration_points(calibration) -> dict:
-    """Mean predicted and observed risk per non-empty (unsuppressed) bin: rows n, Σy, Σp, Σp(1−p)."""
-    n, observed, expected = (np.asarray(calibration[i], float) for i in range(3))
-    keep = n > 0
-    return {"n": n[keep].tolist(), "predicted": (expected[keep] / n[keep]).tolist(),
-            "observed": (observed[keep] / n[keep]).tolist()}
-
-
-def logrank_p(table: RiskTable):
-    if (table.events.sum(axis=1) == 0).any() or (table.at_risk[:, 0] == 0).any():
-        return None
-    try:
-        return logrank_test(table)[2]
-    except np.linalg.LinAlgError:
-        return None
-
-
-def clean(obj):
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return nan_to_none(float(obj))
-    return obj
+    tests = []
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            var = cov[a, a] + cov[b, b] - 2 * cov[a, b]
+            z = (auc[a] - auc[b]) / np.sqrt(var) if var > 0 else np.nan
+            tests.append(clean({"models": [names[a], names[b]], "auc": [float(auc[a]), float(auc[b])],
+                                "z": float(z), "p": float(2 * stats.norm.sf(abs(z))) if np.isfinite(z) else np.nan}))
+    return tests

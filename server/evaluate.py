@@ -18,18 +18,18 @@ each site). Time-dependent AUC and Brier scores need every row and are per site;
 
 from __future__ import annotations
 
-from itertools import combinations
 from logging import INFO
 
 import numpy as np
 from flwr.common.logger import log
 from scipy import stats
 
-from common.calibration import CalibrationSums, calibration_table, hosmer_lemeshow
+from common.calibration import CalibrationSums, calibration_table, hosmer_lemeshow, in_the_large
 from common.decision import DecisionCounts, net_benefit
 from common.discrimination import PairCounts, combine_pair_counts
 from common.errors import FedradError
-from common.evaluation import binary_metrics, clean, logrank_p, roc_points, scalars, site_metrics
+from common.evaluation import (binary_metrics, clean, delong_pair_tests, logrank_p, roc_points, scalars,
+                               site_metrics)
 from common.logistic import update_logistic_newton
 from common.messages import EVALUATE_CALIBRATION, EVALUATE_METRICS, EVALUATE_THRESHOLDS, record_arrays, request
 from common.newton import NewtonSummary, combine_newton, start_newton
@@ -218,9 +218,7 @@ def _in_the_large(per_site: list[dict]) -> dict | None:
     n = sum(s["n_binary"] for s in per_site)
     if not n:
         return None
-    observed, expected = sum(s["events_binary"] for s in per_site), sum(s["sum_risk"] for s in per_site)
-    return {"observed_rate": observed / n, "predicted_rate": expected / n, "difference": (observed - expected) / n,
-            "o_e_ratio": observed / expected if expected else None}
+    return in_the_large(n, sum(s["events_binary"] for s in per_site), sum(s["sum_risk"] for s in per_site))
 
 
 def _weighted(values, n):
@@ -241,11 +239,7 @@ def _pooled_delong(plan: dict, parts: list[dict]) -> list[dict]:
         w = pairs / pairs.sum()
         auc = sum(wi * p[f"delong__{group}__auc"] for wi, p in zip(w, usable))
         cov = sum(wi ** 2 * p[f"delong__{group}__cov"] for wi, p in zip(w, usable))
-        for a, b in combinations(range(len(names)), 2):
-            var = cov[a, a] + cov[b, b] - 2 * cov[a, b]
-            z = (auc[a] - auc[b]) / np.sqrt(var) if var > 0 else np.nan
-            tests.append(clean({"models": [names[a], names[b]], "auc": [float(auc[a]), float(auc[b])],
-                                 "z": float(z), "p": float(2 * stats.norm.sf(abs(z))) if np.isfinite(z) else np.nan}))
+        tests += delong_pair_tests(names, auc, cov)
     return tests
 
 

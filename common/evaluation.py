@@ -81,3 +81,38 @@ def delong_pair_tests(names: list[str], auc, cov) -> list[dict]:
             tests.append(clean({"models": [names[a], names[b]], "auc": [float(auc[a]), float(auc[b])],
                                 "z": float(z), "p": float(2 * stats.norm.sf(abs(z))) if np.isfinite(z) else np.nan}))
     return tests
+
+def roc_points(decision, n: float, events: float) -> dict | None:
+    """ROC curve from true/false positives at the decision-curve thresholds (rows of ``decision``)."""
+    if not events or n <= events:
+        return None
+    tpr = np.r_[1.0, np.asarray(decision[0], float) / events, 0.0]
+    fpr = np.r_[1.0, np.asarray(decision[1], float) / (n - events), 0.0]
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def calibration_points(calibration) -> dict:
+    """Mean predicted and observed risk per non-empty (unsuppressed) bin: rows n, Σy, Σp, Σp(1−p)."""
+    n, observed, expected = (np.asarray(calibration[i], float) for i in range(3))
+    keep = n > 0
+    return {"n": n[keep].tolist(), "predicted": (expected[keep] / n[keep]).tolist(),
+            "observed": (observed[keep] / n[keep]).tolist()}
+
+
+def logrank_p(table: RiskTable):
+    if (table.events.sum(axis=1) == 0).any() or (table.at_risk[:, 0] == 0).any():
+        return None
+    try:
+        return logrank_test(table)[2]
+    except np.linalg.LinAlgError:
+        return None
+
+
+def clean(obj):
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return nan_to_none(float(obj))
+    return obj

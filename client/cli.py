@@ -65,6 +65,9 @@ def prepare(
     scanner_col: Optional[str] = typer.Option(None, "--scanner-col"),
     clinical_cols: Optional[str] = typer.Option(None, "--clinical-cols", help="Table columns that are clinical, not features."),
     table_phase: str = typer.Option("table", "--table-phase", help="Prefix for table features without '<phase>__'."),
+    segment: Optional[Path] = typer.Option(
+        None, "--segment", help="Segmentation model (a study's RUN_DIR/segmentation folder or its model.npz): "
+                                "rows with an empty mask get an automatic mask (marked in the store)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Check every case and build the site's feature store (exit 3 if any case was quarantined)."""
@@ -73,11 +76,13 @@ def prepare(
 
     if (manifest is None) == (table is None):
         raise typer.BadParameter("give exactly one of --manifest or --table")
+    if segment is not None and manifest is None:
+        raise typer.BadParameter("--segment needs --manifest (a feature table has no images to segment)")
     try:
         if manifest is not None:
             report = prepare_from_manifest(
                 manifest, out, params_path=params, jobs=jobs, phases=_split(phases) or None, label=label,
-                min_voxels=min_voxels, required_clinical=_split(require), show_progress=not quiet,
+                min_voxels=min_voxels, required_clinical=_split(require), show_progress=not quiet, segment=segment,
             )
         else:
             report = prepare_from_table(
@@ -101,6 +106,7 @@ def _print_report(report) -> None:
         f"store {report.store}: {report.n_cases} cases ({report.n_events} events), "
         f"{report.n_features} features, {report.n_quarantined} quarantined"
         + (f", {report.n_cached} reused from cache" if report.n_cached else "")
+        + (f", {report.n_automatic} with an automatic mask" if getattr(report, "n_automatic", 0) else "")
     )
     for notice in report.notices:
         console.print(f"[yellow]notice:[/yellow] {notice}")

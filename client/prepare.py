@@ -3,7 +3,9 @@
 Cases run in parallel worker processes with a progress bar. A case that fails any
 check is quarantined with the reason and the rest go on; a finished case is cached
 under a hash of its input files and settings, so an interrupted run resumes and a
-re-run only redoes what changed.
+re-run only redoes what changed. With ``segment`` (a federated segmentation model), rows
+without a mask get one from the model first (`client.auto_segment`); the store marks those
+cases ``mask_source = "automatic"``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PrepareReport:
     notices: list[str]
     timings: dict = field(default_factory=dict)  # summed seconds: read, resample, extract
     wall_seconds: float = 0.0
+    n_automatic: int = 0  # accepted cases whose mask the segmentation model drew
 
     @property
     def clean(self) -> bool:
@@ -59,16 +62,19 @@ def prepare_from_manifest(
     required_clinical: list[str] = (),
     show_progress: bool = True,
     use_cache: bool = True,
+    segment: Path | None = None,
 ) -> PrepareReport:
     started = datetime.now(timezone.utc)
     manifest = Path(manifest).resolve()
     out = Path(out)
     params, params_text = extraction.load_params(params_path)
     phash = extraction.params_hash(params)
-    checked = check_manifest(
-        read_manifest(manifest), manifest.parent, phases=phases, required_clinical=list(required_clinical)
-    )
-    problems = list(checked.problems)
+    frame, source_manifest, automatic, auto_meta, problems = read_manifest(manifest), manifest, set(), None, []
+    if segment is not None:
+        frame, manifest, automatic, auto_meta, problems = _segment_missing(frame, manifest, out, segment,
+                                                                          show_progress)
+    checked = check_manifest(frame, manifest.parent, phases=phases, required_clinical=list(required_clinical))
+    problems += list(checked.problems)
     results: dict[str, dict] = {}
     keys = {case.patient_id: _case_key(case, phash, label, min_voxels) for case in checked.cases}
     todo = []
@@ -103,7 +109,8 @@ def prepare_from_manifest(
         if list(outcome["features"]) != feature_names:
             problems.append(CaseError(case.patient_id, "features", "extracted feature set differs from the other cases"))
             continue
-        rows.append({schemas.ID: case.patient_id, **case.row, **outcome["features"]})
+        rows.append({schemas.ID: case.patient_id, **case.row, **outcome["features"],
+                     store.MASK_SOURCE: "automatic" if case.patient_id in automatic else "manual"})
         if outcome["repeat"] is not None:
             repeat_rows.append({schemas.ID: case.patient_id, **outcome["repeat"]})
         for step in timings:
@@ -115,11 +122,14 @@ def prepare_from_manifest(
         rows=rows,
         repeat_rows=repeat_rows,
         problems=problems,
-        columns={"scanner": schemas.SCANNER if has_scanner else None, "clinical": checked.clinical,
-                 "features": feature_names},
+        columns={"scanner": schemas.SCANNER if has_scanner else None, "mask_source": store.MASK_SOURCE,
+                 "clinical": [c for c in checked.clinical if c != store.MASK_SOURCE], "features": feature_names},
         meta={
             "source": "manifest",
             "manifest": str(manifest),
+            "source_manifest": str(source_manifest),
+            "n_automatic_masks": sum(row[store.MASK_SOURCE] == "automatic" for row in rows),
+            "segmentation_model": auto_meta,
             "params_hash": phash,
             "phases": checked.phases,
             "label": label,
@@ -141,7 +151,21 @@ def prepare_from_manifest(
         notices=checked.notices,
         timings=timings,
         wall_seconds=(datetime.now(timezone.utc) - started).total_seconds(),
+        n_automatic=meta["n_automatic_masks"],
     )
+
+
+def _segment_missing(frame, manifest: Path, out: Path, model: Path, show_progress: bool):
+    """Automatic masks for rows without one; the manifest as used is kept in the store (later stages
+    read images and masks through it)."""
+    from client.auto_segment import MANIFEST_USED, segment_missing
+
+    out.mkdir(parents=True, exist_ok=True)
+    with _progress(show_progress) as progress:
+        done = segment_missing(frame, manifest.parent, out, model, progress=progress)
+    used = out / MANIFEST_USED
+    store._atomic(used, lambda p: done.frame.to_csv(p, index=False))
+    return done.frame, used.resolve(), done.automatic, {**done.model, "reused": done.reused}, list(done.problems)
 
 
 def _case_key(case: Case, phash: str, label, min_voxels) -> str:

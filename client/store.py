@@ -3,7 +3,9 @@
 Layout of ``STORE/``::
 
     features.parquet         one row per accepted case: patient_id, time, event, [scanner],
-                             clinical columns, then '<phase>__<feature>' columns
+                             [mask_source], clinical columns, then '<phase>__<feature>' columns
+    auto_masks/              masks `prepare --segment` drew for cases without one (mask_source
+                             "automatic"; "manual" = the manifest's own mask)
     features_repeat.parquet  same feature columns from the repeat masks (ICC), if any
     quarantine.csv           patient_id, field, reason: every case left out, and why
     params.yaml              the pyradiomics settings used (its hash is in store.json)
@@ -31,6 +33,9 @@ QUARANTINE = "quarantine.csv"
 PARAMS = "params.yaml"
 META = "store.json"
 CACHE = "cache"
+AUTO_MASKS = "auto_masks"
+#: store column saying where a case's mask came from: "manual" (the manifest) or "automatic" (`prepare --segment`)
+MASK_SOURCE = "mask_source"
 
 
 @dataclass(frozen=True)
@@ -84,15 +89,17 @@ def write_store(
 ) -> dict:
     """Write the store's tables and metadata; return the metadata written.
 
-    ``columns`` gives the roles: ``scanner`` (str or None), ``clinical`` and ``features``
-    (lists). Rows keep manifest order. Files are replaced atomically so a reader never
-    sees a half-written store.
+    ``columns`` gives the roles: ``scanner`` (str or None), ``mask_source`` (str or None: rows
+    carry "manual"/"automatic"), ``clinical`` and ``features`` (lists). Rows keep manifest
+    order. Files are replaced atomically so a reader never sees a half-written store.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     order = [schemas.ID, schemas.TIME, schemas.EVENT]
     if columns.get("scanner"):
         order.append(schemas.SCANNER)
+    if columns.get("mask_source"):
+        order.append(MASK_SOURCE)
     order += list(columns["clinical"]) + list(columns["features"])
     table = pd.DataFrame(rows, columns=order)
     table[schemas.EVENT] = table[schemas.EVENT].astype("int8")

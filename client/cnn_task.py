@@ -24,7 +24,7 @@ from monai.transforms import (Compose, ConcatItemsd, CropForegroundd, DeleteItem
 
 from common.errors import FedradError
 
-__all__ = ["case_transforms", "case_dataset", "build_network", "cox_loss", "train_epochs", "predict",
+__all__ = ["case_transforms", "case_dataset", "build_network", "network_for", "cox_loss", "train_epochs", "predict",
            "deep_features", "device", "ARCHITECTURES"]
 
 ARCHITECTURES = ("resnet18", "densenet121")
@@ -89,15 +89,36 @@ def case_dataset(manifest: pd.DataFrame, root: Path, phases: list[str], **option
     return Dataset(items, transform=case_transforms(phases, **options))
 
 
-def build_network(architecture: str = "resnet18", *, spatial_dims: int = 3, in_channels: int = 1) -> torch.nn.Module:
-    """A MONAI classifier with one output (the DL-score), trained from scratch (no weights can be fetched)."""
+def build_network(architecture: str = "resnet18", *, spatial_dims: int = 3, in_channels: int = 1,
+                  dp: bool = False, norm: str = "batch") -> torch.nn.Module:
+    """A MONAI classifier with one output (the DL-score), trained from scratch (no weights can be fetched).
+    ``norm="group"`` or ``dp`` (DP-SGD needs it): BatchNorm replaced by GroupNorm; the coordinator and the sites
+    must agree on it (see `network_for`)."""
     from monai.networks import nets
 
     if architecture == "resnet18":
-        return nets.resnet18(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=1)
-    if architecture == "densenet121":
-        return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1)
-    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        net = nets.resnet18(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=1)
+    elif architecture == "densenet121":
+        net = nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1)
+    else:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if dp or norm == "group":
+        from client.cnn_privacy import dp_compatible
+
+        net = dp_compatible(net)
+    return net
+
+
+def network_for(cnn: dict) -> torch.nn.Module:
+    """The study's network from its ``[cnn]`` settings, built alike by the coordinator and every site.
+
+    GroupNorm is the default: BatchNorm's running statistics come from batches of a few cases and,
+    in a federation, are averaged across sites; scores in eval mode then barely reflect what was learnt
+    (measured on the synthetic cohort: Spearman with the truth 0.32–0.68 with BatchNorm in eval mode,
+    0.82–0.97 with the statistics recomputed)."""
+    private = cnn.get("privacy", {}).get("noise_multiplier", 0) > 0
+    return build_network(cnn["architecture"], spatial_dims=cnn["dims"], in_channels=len(cnn["phases"]),
+                         dp=private, norm=cnn.get("norm", "batch"))
 
 
 def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
@@ -129,6 +150,8 @@ def train_epochs(model: torch.nn.Module, dataset, *, epochs: int = 1, lr: float 
     global_weights = [p.detach().clone() for p in model.parameters()] if proximal_mu else None
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    if hasattr(getattr(dataset, "transform", None), "set_random_state"):  # augmentation reproducible too
+        dataset.transform.set_random_state(seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers)
     history = []
     for _ in range(epochs):
@@ -147,12 +170,12 @@ def train_epochs(model: torch.nn.Module, dataset, *, epochs: int = 1, lr: float 
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset, *, batch_size: int = 8) -> pd.DataFrame:
+def predict(model: torch.nn.Module, dataset, *, batch_size: int = 8, num_workers: int = 0) -> pd.DataFrame:
     """The DL-score (network output, a log-risk) of every case, with its outcome."""
     dev = device()
     model.to(dev).eval()
     rows = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         scores = model(batch["image"].to(dev)).reshape(-1).cpu().numpy()
         rows += [{"patient_id": p, "dl_score": float(s), "time": float(t), "event": float(e)}
                  for p, s, t, e in zip(batch["patient_id"], scores, batch["time"], batch["event"])]
@@ -160,7 +183,7 @@ def predict(model: torch.nn.Module, dataset, *, batch_size: int = 8) -> pd.DataF
 
 
 @torch.no_grad()
-def deep_features(model: torch.nn.Module, dataset, *, batch_size: int = 8) -> pd.DataFrame:
+def deep_features(model: torch.nn.Module, dataset, *, batch_size: int = 8, num_workers: int = 0) -> pd.DataFrame:
     """The penultimate layer (the input of the final linear layer) of every case: the deep features."""
     dev = device()
     model.to(dev).eval()
@@ -169,7 +192,7 @@ def deep_features(model: torch.nn.Module, dataset, *, batch_size: int = 8) -> pd
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().cpu()))
     ids = []
     try:
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
             model(batch["image"].to(dev))
             ids += list(batch["patient_id"])
     finally:

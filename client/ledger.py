@@ -60,6 +60,8 @@ def append_entry(store: Path, *, run_id: int, stage: str, message_type: str, con
     }
     if refusal:
         entry["reason"] = refusal
+    if content is not None and "metrics" in content and "dp_epsilon" in content["metrics"]:
+        entry["dp_epsilon"] = float(content["metrics"]["dp_epsilon"])  # the site's privacy spent so far, in view
     line = json.dumps(entry) + "\n"
     path = Path(store) / LEDGER
     with open(path, "a", encoding="utf-8") as fh:  # one write() of one line: appends do not interleave
@@ -72,7 +74,7 @@ def append_entry(store: Path, *, run_id: int, stage: str, message_type: str, con
 def read_ledger(store: Path) -> pd.DataFrame:
     """The ledger as a table, one row per message (empty if nothing has left yet)."""
     path = Path(store) / LEDGER
-    columns = ["time", "run", "stage", "message_type", "status", "arrays", "bytes", "sha256", "reason"]
+    columns = ["time", "run", "stage", "message_type", "status", "arrays", "bytes", "sha256", "reason", "dp_epsilon"]
     if not path.is_file():
         return pd.DataFrame(columns=columns)
     rows = []
@@ -87,5 +89,5 @@ def read_ledger(store: Path) -> pd.DataFrame:
         rows.append({"time": entry["time"][:19].replace("T", " "), "run": entry["run"], "stage": entry["stage"],
                      "message_type": entry["message_type"], "status": entry["status"],
                      "arrays": " ".join(arrays), "bytes": entry["bytes"], "sha256": entry["sha256"][:12],
-                     "reason": entry.get("reason", "")})
+                     "reason": entry.get("reason", ""), "dp_epsilon": entry.get("dp_epsilon")})
     return pd.DataFrame(rows, columns=columns)

@@ -24,6 +24,7 @@ from client.site_census import census_reply
 from client.site_data import site_log
 from client.site_select import select_sums_reply
 from client.site_cnn import scores_reply, train_reply
+from client.site_seg import dice_reply as seg_dice_reply, train_reply as seg_train_reply
 from client.site_evaluate import calibration_newton_reply, metrics_reply, thresholds_reply
 from client.site_fit import baseline_reply, event_times_reply, model_summaries_reply, risk_sets_reply
 from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, validate_reply, zscore_reply
@@ -174,10 +175,22 @@ def evaluate_calibration(msg: Message, context: Context) -> Message:
 @app.train("cnn")
 def train_cnn(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  train_reply(store, plan, site, _arrays(msg)))
+                  train_reply(store, plan, site, _arrays(msg), min_count, context.run_id))
 
 
 @app.query("cnn_scores")
 def cnn_scores(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
                   scores_reply(store, plan, site, _arrays(msg)))
+
+
+@app.train("seg")
+def train_seg(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  seg_train_reply(store, plan, site, _arrays(msg), min_count))
+
+
+@app.query("seg_dice")
+def seg_dice(msg: Message, context: Context) -> Message:
+    return answer(msg, context, lambda store, plan, study, site, min_count:
+                  seg_dice_reply(store, plan, site, _arrays(msg), min_count))

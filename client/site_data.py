@@ -5,6 +5,8 @@ Outputs that stay at the site (``STORE/``)::
     harmonised.parquet    ComBat-adjusted features: same ids and columns as features.parquet
     standardised.parquet  the same, z-scored with the pooled mean and SD
     harmonised.json       the reference both were made with (id, features, batch, z-scale)
+    deep_features.parquet the CNN's penultimate layer per case (``deep__cnn_*``), and
+    deep_features.json    the id of the network that made them
     site.log              what the site's staff need to fix (with patient ids: it never leaves)
 """
 
@@ -27,6 +29,8 @@ HARMONISED = "harmonised.parquet"
 STANDARDISED = "standardised.parquet"
 HARMONISED_META = "harmonised.json"
 SITE_LOG = "site.log"
+DEEP_FEATURES = "deep_features.parquet"
+DEEP_FEATURES_META = "deep_features.json"
 
 
 def site_log(store_path: Path, text: str) -> None:
@@ -94,3 +98,28 @@ def read_harmonised_meta(store_path: Path) -> dict:
 
 __all__ = ["HARMONISED", "STANDARDISED", "HARMONISED_META", "SITE_LOG", "FEATURES", "site_log", "batch_labels",
            "design_spec", "harmonise_inputs", "write_feature_table", "write_harmonised_meta", "read_harmonised_meta"]
+
+
+def write_deep_features(store_path: Path, table: pd.DataFrame, weights_id: str) -> None:
+    _atomic(Path(store_path) / DEEP_FEATURES, lambda p: table.to_parquet(p, index=False))
+    _atomic(Path(store_path) / DEEP_FEATURES_META, lambda p: Path(p).write_text(json.dumps({"weights_id": weights_id})))
+
+
+def with_deep_features(store_path: Path, table: pd.DataFrame, weights_id: str | None) -> pd.DataFrame:
+    """``table`` with the CNN's deep features of its cases joined on; ``weights_id`` (when given) must be the
+    network of the study that asks, so features of an older network are never mixed in."""
+    path, meta = Path(store_path) / DEEP_FEATURES, Path(store_path) / DEEP_FEATURES_META
+    if not path.is_file():
+        raise StoreError("this site has no deep features (run the train_cnn stage first)")
+    held = json.loads(meta.read_text()).get("weights_id") if meta.is_file() else None
+    if weights_id and held != weights_id:
+        raise StoreError("this site's deep features come from another network than the study's CNN "
+                         f"({(held or 'unknown')[:12]} vs {weights_id[:12]}); rerun the train_cnn stage")
+    deep = pd.read_parquet(path)
+    deep[schemas.ID] = deep[schemas.ID].astype(str)
+    merged = table.assign(**{schemas.ID: table[schemas.ID].astype(str)}).merge(deep, on=schemas.ID, how="left")
+    lacking = merged[[c for c in deep.columns if c != schemas.ID]].isna().any(axis=1)
+    if lacking.any():
+        site_log(store_path, "deep features missing for: " + ", ".join(merged.loc[lacking, schemas.ID]))
+        raise StoreError(f"{int(lacking.sum())} case(s) have no deep features (ids in site.log); rerun train_cnn")
+    return merged

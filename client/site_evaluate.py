@@ -49,7 +49,7 @@ def score_model(store: FeatureStore, plan: dict, site: str, model: dict) -> Scor
     sub = {"model": {"name": model["name"], "kind": model["kind"]}, "columns": model["columns"],
            "scores": model["scores"], "external_scores": model["external_scores"], "data": plan["data"],
            "reference": plan["reference"], "time": plan["time"], "event": plan["event"],
-           "binary_outcome": model["binary_outcome"]}
+           "binary_outcome": model["binary_outcome"], "deep_features_id": plan.get("deep_features_id")}
     ids, X, outcome, left_out = model_inputs(store, sub, site)
     beta = np.asarray(model["beta"], dtype=float)
     lp = X @ beta

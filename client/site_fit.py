@@ -15,7 +15,7 @@ import pandas as pd
 from flwr.app import RecordDict
 
 from client.privacy import Disclosure
-from client.site_data import HARMONISED, HARMONISED_META, STANDARDISED, site_log
+from client.site_data import HARMONISED, HARMONISED_META, STANDARDISED, site_log, with_deep_features
 
 #: per-case scores written at the site by other fedrad stages (the CNN's DL score): id + one column per score
 SCORES = "scores.parquet"
@@ -28,14 +28,20 @@ from common.penalised import site_fold_ids
 
 
 def model_table(store: FeatureStore, plan: dict) -> pd.DataFrame:
-    """The rows the model sees: standardised (harmonised, z-scored) features when the study harmonised."""
+    """The rows the model sees: standardised (harmonised, z-scored) features when the study harmonised,
+    with the CNN's deep features joined on when the model or the selection uses any."""
     if plan["data"] in ("standardised", "harmonised"):
         meta_path = store.path / HARMONISED_META
         if not meta_path.is_file() or json.loads(meta_path.read_text()).get("reference") != plan["reference"]:
             raise StoreError(f"this site's {plan['data']} features are not from the study's harmonisation; "
                              "rerun the harmonise stage")
-        return pd.read_parquet(store.path / (STANDARDISED if plan["data"] == "standardised" else HARMONISED))
-    return pd.read_parquet(store.path / FEATURES)
+        table = pd.read_parquet(store.path / (STANDARDISED if plan["data"] == "standardised" else HARMONISED))
+    else:
+        table = pd.read_parquet(store.path / FEATURES)
+    wanted = list(plan.get("columns", [])) + list(plan.get("features", []))
+    if any(schemas.is_deep_feature(c) for c in wanted):
+        table = with_deep_features(store.path, table, plan.get("deep_features_id"))
+    return table
 
 
 def add_scores(store: FeatureStore, table: pd.DataFrame, plan: dict) -> pd.DataFrame:

@@ -7,7 +7,8 @@ is never written): harmonise to the package's reference exactly as a validation 
 federated study does, score every case with every model, and compute the same per-site
 metrics the `evaluate` stage reports. Writes ``OUT/predictions.csv`` (one row per case and
 model: linear predictor and predicted risk), ``OUT/metrics.json`` and prints a table.
-Nothing leaves the machine.
+When the models use the CNN's DL-score or deep features, the package's network computes them from the
+hospital's own images (found through the manifest the store was prepared from). Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from client.site_cnn import write_cnn_outputs
 from client.site_evaluate import metrics_reply, score_model
 from client.site_harmonise import validate_reply
 from client.store import FEATURES, META, PARAMS as STORE_PARAMS, QUARANTINE, open_store
@@ -41,7 +43,9 @@ def check_store(manifest: dict, store) -> None:
     for model in manifest["scoring"]["models"]:
         needed += [c for c in model["columns"] if schemas.is_feature_column(c)]
         needed += [c for scores in model["scores"].values() for c in scores if schemas.is_feature_column(c)]
-    missing = sorted({c for c in needed if c not in store.features.columns})
+    if _needs_cnn(manifest) and not manifest.get("cnn"):
+        raise PackageError("the package's models use the CNN's DL-score or deep features but it carries no CNN")
+    missing = sorted({c for c in needed if c not in store.features.columns and not schemas.is_deep_feature(c)})
     if missing:
         raise PackageError(f"store '{store.path}' lacks {len(missing)} feature(s) the package's harmonisation or "
                            f"models use, e.g. {', '.join(missing[:5])}")
@@ -50,6 +54,13 @@ def check_store(manifest: dict, store) -> None:
                        and c not in m["external_scores"]} - set(store.features.columns))
     if clinical:
         raise PackageError(f"store '{store.path}' lacks clinical column(s) the models use: {', '.join(clinical)}")
+
+
+def _needs_cnn(manifest: dict) -> bool:
+    """Whether a model uses the DL-score or deep features (which the site computes from its own images)."""
+    return any("dl_score" in m["external_scores"] or any(schemas.is_deep_feature(c) for c in m["columns"])
+               or any(schemas.is_deep_feature(c) for cs in m["scores"].values() for c in cs)
+               for m in manifest["scoring"]["models"])
 
 
 def _working_copy(store_path: Path, out: Path) -> Path:
@@ -75,6 +86,9 @@ def validate(package: Path, store_path: Path, out: Path) -> dict:
         plan = {"study": manifest["study"], "features": manifest["features"], "design": harmonisation["design"],
                 "reference": harmonisation["reference"]}
         validate_reply(work, plan, SITE, arrays, run_id=0)
+    if _needs_cnn(manifest):
+        cnn = manifest["cnn"]
+        write_cnn_outputs(work, cnn["settings"], dict(np.load(Path(package) / cnn["weights"])), cnn["weights_id"])
     scoring = manifest["scoring"]
     frames = []
     for model in scoring["models"]:

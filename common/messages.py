@@ -2,7 +2,8 @@
 
 Every request carries the study and the coordinator's plan as JSON text in the
 ``ConfigRecord`` "plan", so a site that restarted mid-run (Flower keeps no state across a
-SuperNode restart) can still answer. Arrays travel as float64 ``Array`` s (bit-exact).
+SuperNode restart) can still answer. Arrays travel as float64 ``Array`` s (bit-exact); network
+weights in their own dtype (float32), which is just as exact.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ EVALUATE_METRICS = "query.evaluate_metrics"
 EVALUATE_CALIBRATION = "query.evaluate_calibration"
 TRAIN_CNN = "train.cnn"
 CNN_SCORES = "query.cnn_scores"
+TRAIN_SEG = "train.seg"
+SEG_DICE = "query.seg_dice"
 MODEL_SUMMARIES = "query.model_summaries"
 SELECT_SUMS = "query.select_sums"
 COX_EVENT_TIMES = "query.cox_event_times"
@@ -44,7 +47,8 @@ SITE_FAILED = 902
 STAGE_OF = {CENSUS: "census", COMBAT_MOMENTS: "harmonise", COMBAT_RESIDUALS: "harmonise",
             COMBAT_ADJUST: "harmonise", ZSCORE_APPLY: "harmonise", COMBAT_VALIDATE: "harmonise",
             EVALUATE_THRESHOLDS: "evaluate", EVALUATE_METRICS: "evaluate", EVALUATE_CALIBRATION: "evaluate",
-            TRAIN_CNN: "train_cnn", CNN_SCORES: "train_cnn", MODEL_SUMMARIES: "fit",
+            TRAIN_CNN: "train_cnn", CNN_SCORES: "train_cnn", TRAIN_SEG: "train_seg", SEG_DICE: "train_seg",
+            MODEL_SUMMARIES: "fit",
             COX_EVENT_TIMES: "fit", COX_RISK_SETS: "fit", MODEL_BASELINE: "fit", SELECT_SUMS: "select"}
 
 
@@ -54,6 +58,17 @@ def arrays_record(**arrays) -> ArrayRecord:
 
 def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
+
+
+def weights_record(weights: dict) -> ArrayRecord:
+    """Network weights in their own dtype (float32 for MONAI networks): exact, and half the bytes of float64."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def weights_request(plan: dict, weights: dict) -> RecordDict:
+    content = request(plan)
+    content["arrays"] = weights_record(weights)
+    return content
 
 
 def request(plan: dict, **arrays) -> RecordDict:

@@ -14,6 +14,7 @@ PACKAGE_FORMAT = 1
 MANIFEST = "manifest.json"
 PARAMS = "params.yaml"
 REFERENCE_ARRAYS = "harmonisation.npz"
+CNN_WEIGHTS = "cnn_weights.npz"
 
 
 class PackageError(FedradError):

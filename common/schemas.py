@@ -38,3 +38,11 @@ def feature_column(phase: str, feature: str) -> str:
 
 def is_feature_column(column: str) -> bool:
     return FEATURE_SEP in column
+
+
+#: prefix of the CNN's deep features (penultimate layer), e.g. ``deep__cnn_0042``
+DEEP_PREFIX = f"deep{FEATURE_SEP}"
+
+
+def is_deep_feature(column: str) -> bool:
+    return column.startswith(DEEP_PREFIX)

@@ -48,7 +48,7 @@ __all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features"
            "model_references"]
 
 #: stages in the order a study runs them (later issues add select, evaluate, package).
-STAGES = ("census", "harmonise", "train_cnn", "select", "fit", "evaluate", "package")
+STAGES = ("census", "train_seg", "harmonise", "train_cnn", "select", "fit", "evaluate", "package")
 #: the model feature entry that stands for the `select` stage's result.
 SELECTED = "@select"
 #: the batch name meaning "each site is its own batch".
@@ -199,6 +199,17 @@ class Evaluate(_Section):
         return cutoff
 
 
+class CnnPrivacy(_Section):
+    """Opacus DP-SGD at every site: per-sample gradient clipping to ``max_grad_norm`` and Gaussian noise of
+    ``noise_multiplier`` × that norm; (ε, δ) accounted per site over all rounds. ``epsilon_budget`` stops training
+    before a round that would take any site past it."""
+
+    noise_multiplier: float = Field(0.0, ge=0, description="0: DP-SGD off")
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon_budget: float | None = Field(None, gt=0)
+
+
 class Cnn(_Section):
     """The `train_cnn` stage: a MONAI network trained by federated averaging (FedProx when proximal_mu > 0);
     afterwards each site writes the DL-score (``dl_score`` in STORE/scores.parquet, usable as a model score)
@@ -206,6 +217,9 @@ class Cnn(_Section):
 
     phases: tuple[str, ...] = ("venous",)
     architecture: Literal["resnet18", "densenet121"] = "resnet18"
+    norm: Literal["group", "batch"] = Field("group", description=(
+        "normalisation layers: GroupNorm (per case; DP-SGD needs it) or MONAI's BatchNorm, whose running "
+        "statistics FedAvg averages across sites"))
     dims: Literal[2, 3] = 2
     box: tuple[int, int, int] = (48, 48, 16)
     spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
@@ -216,6 +230,36 @@ class Cnn(_Section):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=2)
     proximal_mu: float = Field(0.0, ge=0)
+    seed: int = 0
+    validation_fraction: float = Field(0.2, ge=0, lt=1, description=(
+        "share of each site's cases held out (by a hash of the case id) for the per-round validation loss and "
+        "C-index; 0: none (no early stopping)"))
+    patience: int = Field(0, ge=0, description=(
+        "stop when the case-weighted validation loss has not improved for this many rounds and keep the best "
+        "round's weights; 0: train all rounds"))
+    pretrained: str | None = Field(None, description=(
+        "a local weights file (.pt/.pth state dict or .npz) the coordinator starts from, matched by tensor name "
+        "and shape (2D kernels inflated for a 3D network; RGB input averaged over the phases)"))
+    gradcam_cases: int = Field(3, ge=0, description="Grad-CAM maps each site saves for its own review (never sent)")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes at a site (0: load in the main process)")
+    privacy: CnnPrivacy = CnnPrivacy()
+
+
+class Segment(_Section):
+    """The `train_seg` stage: MONAI SegResNet trained by FedAvg with a Dice loss on the sites' delineated cases;
+    Dice per site on held-out cases; the final model is what ``fedrad prepare --segment`` uses for cases with
+    no mask."""
+
+    phase: str = "venous"
+    spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
+    box: tuple[int, int, int] = (48, 48, 16)
+    window: tuple[float, float] = (-200.0, 300.0)
+    init_filters: int = Field(8, ge=1)
+    rounds: int = Field(3, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(2, ge=1)
+    validation_fraction: float = Field(0.25, gt=0, lt=1)
     seed: int = 0
 
 
@@ -242,6 +286,7 @@ class Study(_Section):
     sites: Sites = Sites()
     evaluate: Evaluate = Evaluate()
     cnn: Cnn = Cnn()
+    segment: Segment = Segment()
 
     @model_validator(mode="after")
     def _models_for_fit(self):

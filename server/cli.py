@@ -127,6 +127,8 @@ def ledger(store: Path = typer.Argument(..., help="A site's feature store.")):
     from client.ledger import read_ledger
 
     entries = _read_or_exit(read_ledger, store)
+    if entries["dp_epsilon"].isna().all():  # the column only for a site that trained with DP-SGD
+        entries = entries.drop(columns=["dp_epsilon"])
     console.print(table_of(entries, f"egress ledger of {store}"))
     totals = entries.groupby(["run", "stage", "status"], as_index=False).agg(messages=("bytes", "size"),
                                                                            bytes=("bytes", "sum"))

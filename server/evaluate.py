@@ -88,6 +88,7 @@ def run_evaluate(fed: Federation, study: Study, census: dict, harmonise: dict | 
     km_end = max(horizons) if horizons else 1.0
     plan = {"study": study.model_dump(mode="json"), "data": data_mode(harmonise),
             "reference": harmonise["reference"] if harmonise else "", "time": study.outcome.time,
+            "deep_features_id": census.get("deep_features_id", ""),
             "event": study.outcome.event, "horizon": evaluation_horizon(study), "horizons": horizons,
             "thresholds": THRESHOLDS.tolist(), "dca_thresholds": DCA_THRESHOLDS.tolist(),
             "km_grid": np.linspace(km_end / study.evaluate.km_points, km_end, study.evaluate.km_points).tolist(),

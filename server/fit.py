@@ -92,6 +92,7 @@ def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model,
         "scores": scores, "external_scores": external,
         "data": data_mode(harmonise),
         "reference": harmonise["reference"] if harmonise else "",
+        "deep_features_id": census.get("deep_features_id", ""),
         "time": study.outcome.time, "event": study.outcome.event,
         "binary_outcome": model.binary_outcome or study.outcome.event, "cv_folds": cv_folds,
     }

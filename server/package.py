@@ -5,7 +5,8 @@ version, the study, extraction-settings hash, features, harmonisation reference 
 design, selected features, every model's coefficients, HR/OR table, baseline hazard,
 score sources, cut-off and calibration, the scoring plan, and the study's metrics),
 ``params.yaml`` (the pyradiomics settings the sites extracted with) and
-``harmonisation.npz`` (the reference arrays). ``manifest.json["files"]`` holds each file's
+``harmonisation.npz`` (the reference arrays), and with a CNN ``cnn_weights.npz`` (its final weights; the
+manifest's ``cnn`` entry has its settings, so a new site computes the DL-score and deep features itself). ``manifest.json["files"]`` holds each file's
 sha256 so a site can check the package it received.
 """
 
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import common
-from common.package import MANIFEST, PACKAGE_FORMAT, PARAMS, REFERENCE_ARRAYS, PackageError
+from common.package import CNN_WEIGHTS, MANIFEST, PACKAGE_FORMAT, PARAMS, REFERENCE_ARRAYS, PackageError
 from common.study import Study
 
 MODEL_KEYS = ("kind", "penalty", "columns", "coefficients", "table", "baseline", "score_sources", "independent",
@@ -56,8 +57,17 @@ def write_package(run_dir: Path, results: dict, study: Study, out: Path | None =
         "features": census["features"], "harmonisation": harmonisation,
         "selected_features": (results.get("select") or {}).get("selected", []),
         "models": models, "scoring": scoring, "evaluation": results.get("evaluation", {}),
+        "cnn": _package_cnn(results.get("cnn"), study, out),
     }
     manifest["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                          for p in sorted(out.iterdir()) if p.name != MANIFEST and p.is_file()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return out
+
+
+def _package_cnn(cnn: dict | None, study: Study, out: Path) -> dict | None:
+    if not cnn:
+        return None
+    shutil.copyfile(cnn["weights"], out / CNN_WEIGHTS)
+    return {"settings": study.cnn.model_dump(mode="json"), "weights": CNN_WEIGHTS, "weights_id": cnn["weights_id"],
+            "deep_features": cnn["deep_features"], "dl_score_c_index": cnn["dl_score_c_index"]}

@@ -224,6 +224,58 @@ def _td_auc(evaluation: dict, model: str, settings: dict) -> str:
     return _png(fig)
 
 
+def segmentation_section(results: dict) -> str:
+    """Held-out Dice per site and round (round r measures the model after r − 1 rounds), and the final Dice."""
+    seg = results.get("segmentation")
+    if not seg or not seg.get("history"):
+        return ""
+    rows = [{"round": h["round"], **{f"{s} Dice": h["dice"].get(s) for s in seg["sites"]},
+             "mean Dice (case-weighted)": h.get("mean_dice")} for h in seg["history"]]
+    rows.append({"round": "final", **{f"{s} Dice": seg["final_dice"].get(s) for s in seg["sites"]},
+                 "mean Dice (case-weighted)": seg.get("final_mean_dice")})
+    return (f"<h2>Segmentation: {html.escape(seg['network'])}, {seg['strategy']}</h2>"
+            f"<p class='note'>Dice on each site's held-out delineated cases; the model is "
+            f"{html.escape(str(seg.get('model', '')))} (for <code>fedrad prepare --segment</code>).</p>"
+            f"{_table(pd.DataFrame(rows))}")
+
+
+def cnn_section(results: dict) -> str:
+    """Per-round training loss and the validation loss / C-index of the global network at each site."""
+    cnn = results.get("cnn")
+    if not cnn or not cnn.get("history"):
+        return ""
+    history = cnn["history"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for site in cnn["sites"]:
+        rounds = [h["round"] for h in history if site in h["loss"]]
+        for ax, key in zip(axes, ("loss", "val_loss", "val_c_index")):
+            values = [h[key].get(site) for h in history if site in h["loss"]]
+            ax.plot(rounds, [np.nan if v is None else v for v in values], marker="o", label=site)
+    for ax, title in zip(axes, ("local training loss (after the round)", "validation loss of the global model",
+                                "validation C-index of the global model")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    rows = [{"round": h["round"], **{f"{s} loss": h["loss"].get(s) for s in cnn["sites"]},
+             **{f"{s} val C": h["val_c_index"].get(s) for s in cnn["sites"]}, "val loss (weighted)": h["val_loss_mean"]}
+            for h in history]
+    scores = pd.DataFrame([{"site": s, "DL-score C-index (all the site's cases)": c}
+                           for s, c in cnn["dl_score_c_index"].items()])
+    stop = cnn.get("early_stopping", {})
+    stopped = (f"stopped early at round {stop['stopped_at_round']}, kept the weights after round "
+               f"{stop['kept_weights_after_round']}" if stop.get("stopped_at_round") else "all rounds run")
+    privacy = cnn.get("privacy") or {}
+    dp = (f"<p>DP-SGD: ε spent per site (δ = {privacy.get('delta')}): "
+          f"{html.escape(', '.join(f'{k} {v:.2f}' for k, v in privacy.get('epsilon', {}).items()))}</p>"
+          if privacy.get("epsilon") else "")
+    return (f"<h2>Deep learning: {html.escape(cnn['architecture'])} {cnn['dims']}D, {cnn['strategy']}</h2>"
+            f"<p class='note'>{len(history)} round(s); {stopped}. Validation figures are the global model's on "
+            f"each site's held-out cases (withheld below the minimum count).</p>{dp}"
+            f"{_png(fig)}{_table(pd.DataFrame(rows))}{_table(scores)}")
+
+
 def evaluation_section(results: dict) -> str:
     evaluation, settings = results.get("evaluation"), results.get("evaluation_settings", {})
     if not evaluation:
@@ -280,7 +332,7 @@ def write_report(run_dir: Path, results: dict, *, extra_images: list[Path] = ())
             f"{results.get('ended', '')}</p>", _table(stages) if len(stages) else "",
             cohort_section(results), harmonisation_section(results, run_dir),
             "".join(_image_file(p) for p in extra_images), selection_section(results),
-            models_section(results), evaluation_section(results), tripod_section(results)]
+            segmentation_section(results), cnn_section(results), models_section(results), evaluation_section(results), tripod_section(results)]
     if results.get("error"):
         body.insert(1, f"<p class='missing'>error: {html.escape(results['error'])}</p>")
     path = run_dir / REPORT

@@ -39,6 +39,7 @@ def run_select(fed: Federation, study: Study, census: dict, harmonise: dict | No
         "binary_outcome": s.binary_outcome or study.outcome.event,
         "data": data_mode(harmonise),
         "reference": harmonise["reference"] if harmonise else "",
+        "deep_features_id": census.get("deep_features_id", ""),
     }
     outcome = fed.ask("select", 1, SELECT_SUMS, {site: request(plan) for site in sites},
                       {site: fed.sites[site] for site in sites}, traffic)

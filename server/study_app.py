@@ -90,6 +90,11 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
     runlog = fed.runlog
     census = _stage(runlog, results, "census", lambda: run_census(fed, study))
     results["census"] = census
+    if "train_seg" in study.study.stages:
+        from server.train_seg import run_train_seg
+
+        results["segmentation"] = _stage(runlog, results, "train_seg",
+                                         lambda: run_train_seg(fed, study, census, run_dir))
     if "harmonise" in study.study.stages:
         key = study.section_hash("features", "harmonise", "privacy") + census["fingerprint"]
         previous = runlog.load_result("harmonise")
@@ -112,6 +117,9 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
 
         results["cnn"] = _stage(runlog, results, "train_cnn",
                                 lambda: run_train_cnn(fed, study, census, results.get("harmonise"), run_dir))
+        # the later stages may use the CNN's deep features as candidates beside the radiomics features
+        census = {**census, "features": list(census["features"]) + results["cnn"]["deep_features"],
+                  "deep_features_id": results["cnn"]["weights_id"]}
     if "select" in study.study.stages:
         results["select"] = _stage(runlog, results, "select",
                                    lambda: run_select(fed, study, census, results.get("harmonise")))

@@ -19,7 +19,8 @@ import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.messages import CNN_SCORES, TRAIN_CNN, record_arrays, request
+from common.schemas import DEEP_PREFIX
+from common.messages import CNN_SCORES, TRAIN_CNN, record_arrays, weights_request
 from common.study import Study
 from server.federation import Federation, StageFailed, StageTraffic
 from server.fit import study_sites
@@ -30,11 +31,30 @@ WEIGHTS = "weights.npz"
 def initial_weights(study: Study) -> dict[str, np.ndarray]:
     import torch
 
-    from client.cnn_task import build_network
+    from client.cnn_task import network_for
 
     torch.manual_seed(study.cnn.seed)
-    net = build_network(study.cnn.architecture, spatial_dims=study.cnn.dims, in_channels=len(study.cnn.phases))
-    return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in net.state_dict().items()}
+    net = network_for(study.cnn.model_dump(mode="json"))
+    if study.cnn.pretrained:  # a local file at the coordinator (client.cnn_weights: match, inflate, adapt)
+        from client.cnn_weights import load_pretrained
+
+        report = load_pretrained(net, study.cnn.pretrained)
+        log(INFO, "train_cnn: pretrained %s: %d tensor(s) loaded (%d inflated 2D->3D, %d input channels adapted), "
+            "%d kept as initialised, %d file tensor(s) unmatched", report["file"], report["loaded"],
+            len(report["inflated"]), len(report["channels_adapted"]), len(report["kept_initialised"]),
+            len(report["unmatched"]))
+        for name, reason in report["skipped"].items():
+            log(INFO, "train_cnn: pretrained %s skipped: %s", name, reason)
+    return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+
+
+def deep_feature_names(study: Study) -> list[str]:
+    """Names of the penultimate layer's outputs, as every site writes them (``deep__cnn_0000`` ...)."""
+    from client.cnn_task import network_for
+
+    net = network_for(study.cnn.model_dump(mode="json"))
+    head = net.fc if hasattr(net, "fc") else net.class_layers.out
+    return [f"{DEEP_PREFIX}cnn_{j:04d}" for j in range(head.in_features)]
 
 
 def weights_id(weights: dict[str, np.ndarray]) -> str:
@@ -45,40 +65,121 @@ def weights_id(weights: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _round_figures(round_no: int, replies: dict) -> dict:
+    """One round's per-site training loss and, on each site's validation split, the loss and C-index of the
+    global weights the site received (so round r measures the model after r − 1 rounds); NaN = withheld."""
+    metrics = {s: r["metrics"] for s, r in replies.items()}
+    figures = {"round": round_no,
+               "loss": {s: float(m["loss"]) for s, m in metrics.items()},
+               "cases": {s: int(m["num-examples"]) for s, m in metrics.items()},
+               "val_loss": {s: _finite(m.get("val_loss")) for s, m in metrics.items()},
+               "val_c_index": {s: _finite(m.get("val_c_index")) for s, m in metrics.items()},
+               "val_cases": {s: int(m.get("val_n", 0)) for s, m in metrics.items()}}
+    if any("dp_epsilon" in m for m in metrics.values()):
+        figures["dp_epsilon"] = {s: float(m["dp_epsilon"]) for s, m in metrics.items()}
+        figures["dp_epsilon_next"] = {s: float(m["dp_epsilon_next"]) for s, m in metrics.items()}
+    weighted = [(figures["val_cases"][s], v) for s, v in figures["val_loss"].items() if v is not None]
+    total = sum(n for n, _ in weighted)
+    figures["val_loss_mean"] = sum(n * v for n, v in weighted) / total if total else None
+    return figures
+
+
+def _finite(value) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _over_budget(figures: dict, study: Study) -> str:
+    """The sites one more round would take past the study's ε budget (empty: none, or no budget)."""
+    budget = study.cnn.privacy.epsilon_budget
+    if budget is None or "dp_epsilon_next" not in figures:
+        return ""
+    return ", ".join(f"{s} (to ε = {e:.2f})" for s, e in figures["dp_epsilon_next"].items() if e > budget)
+
+
+def _privacy_summary(study: Study, history: list[dict], budget_stop: str | None) -> dict | None:
+    dp = study.cnn.privacy
+    if not dp.noise_multiplier:
+        return None
+    from client.cnn_privacy import guarantee
+
+    spent: dict[str, float] = {}
+    for figures in history:
+        spent.update(figures.get("dp_epsilon", {}))
+    return {"mechanism": "DP-SGD (Opacus, RDP accountant)", "noise_multiplier": dp.noise_multiplier,
+            "max_grad_norm": dp.max_grad_norm, "delta": dp.delta, "epsilon_budget": dp.epsilon_budget,
+            "guarantee": guarantee(study.cnn.endpoint), "epsilon": spent, "budget_stop": budget_stop,
+            "not_covered": "the per-round validation loss and C-index (aggregates over at least min_count "
+                           "held-out cases) and the final scores round are outside the DP accounting"}
+
+
+class EarlyStopping:
+    """Stop when the case-weighted validation loss of the global weights has not improved for ``patience``
+    rounds; remember the best weights. Patience 0 (or no validation figures) never stops."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best_loss, self.best_round, self.best_weights, self.stale = patience, np.inf, None, None, 0
+
+    def update(self, round_no: int, val_loss: float | None, weights_received: dict) -> bool:
+        if not self.patience or val_loss is None:
+            return False
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_round, self.best_weights, self.stale = val_loss, round_no - 1, \
+                weights_received, 0
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+
 def run_train_cnn(fed: Federation, study: Study, census: dict, harmonise: dict | None, run_dir: Path) -> dict:
     traffic = StageTraffic()
     sites = study_sites(census, harmonise, fed, study)
     weights = initial_weights(study)
     plan = {"study": study.model_dump(mode="json")}
-    history, failed = [], {}
+    history, failed, stopping, stopped, budget_stop = [], {}, EarlyStopping(study.cnn.patience), None, None
     for round_no in range(1, study.cnn.rounds + 1):
         outcome = fed.ask("train_cnn", traffic.rounds + 1, TRAIN_CNN,
-                          {s: request({**plan, "round": round_no}, **weights) for s in sites},
+                          {s: weights_request({**plan, "round": round_no}, weights) for s in sites},
                           {s: fed.sites[s] for s in sites}, traffic)
         failed.update(outcome.failures)
         if len(outcome.replies) < study.federation.min_sites:
             raise StageFailed(f"train_cnn: round {round_no}: {len(outcome.replies)} site(s) answered, the study "
                               f"needs min_sites={study.federation.min_sites}; " +
                               "; ".join(f"{s}: {r}" for s, r in outcome.failures.items()))
-        replies = list(outcome.replies.values())
-        weights = record_arrays(aggregate_arrayrecords(replies, "num-examples"))
-        history.append({"round": round_no, "loss": {s: float(r["metrics"]["loss"]) for s, r in outcome.replies.items()},
-                        "cases": {s: int(r["metrics"]["num-examples"]) for s, r in outcome.replies.items()}})
-        log(INFO, "train_cnn: round %d, mean local loss %.4f", round_no,
-            np.mean(list(history[-1]["loss"].values())))
+        history.append(_round_figures(round_no, outcome.replies))
+        log(INFO, "train_cnn: round %d, mean local loss %.4f, validation loss of the global model %s", round_no,
+            np.mean(list(history[-1]["loss"].values())), history[-1]["val_loss_mean"])
+        over = _over_budget(history[-1], study)
+        if over and round_no < study.cnn.rounds:
+            budget_stop = (f"stopped after round {round_no}: another round would take {over} past the privacy "
+                           f"budget ε = {study.cnn.privacy.epsilon_budget:g}")
+            log(INFO, "train_cnn: %s", budget_stop)
+            weights = record_arrays(aggregate_arrayrecords(list(outcome.replies.values()), "num-examples"))
+            break
+        if stopping.update(round_no, history[-1]["val_loss_mean"], weights):
+            stopped = round_no
+            weights = stopping.best_weights
+            log(INFO, "train_cnn: early stop at round %d; keeping the weights after round %d", round_no,
+                stopping.best_round)
+            break
+        weights = record_arrays(aggregate_arrayrecords(list(outcome.replies.values()), "num-examples"))
     folder = Path(run_dir) / "cnn"
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / WEIGHTS, **weights)
     identifier = weights_id(weights)
     everyone = sites + [s for s in study.sites.validation if s in census["sites"] and s in fed.sites]
     outcome = fed.ask("train_cnn", traffic.rounds + 1, CNN_SCORES,
-                      {s: request({**plan, "weights_id": identifier}, **weights) for s in everyone},
+                      {s: weights_request({**plan, "weights_id": identifier}, weights) for s in everyone},
                       {s: fed.sites[s] for s in everyone}, traffic)
     failed.update(outcome.failures)
     c_index = {s: float(r["metrics"]["c_index"]) for s, r in outcome.replies.items()}
     log(INFO, "train_cnn: DL-score C-index per site %s", {s: round(c, 3) for s, c in c_index.items()})
-    return {"architecture": study.cnn.architecture, "dims": study.cnn.dims, "rounds": study.cnn.rounds,
+    return {"kind": "cnn", "architecture": study.cnn.architecture, "dims": study.cnn.dims,
+            "rounds": study.cnn.rounds, "rounds_run": len(history),
             "strategy": "FedProx" if study.cnn.proximal_mu else "FedAvg", "sites": sites, "history": history,
+            "early_stopping": {"patience": study.cnn.patience, "stopped_at_round": stopped,
+                               "kept_weights_after_round": stopping.best_round if stopped else len(history),
+                               "best_val_loss": None if stopping.best_round is None else stopping.best_loss},
+            "privacy": _privacy_summary(study, history, budget_stop),
             "dl_score_c_index": c_index, "scored_sites": sorted(outcome.replies), "failed": failed,
-            "weights": str(folder / WEIGHTS), "weights_id": identifier,
+            "weights": str(folder / WEIGHTS), "weights_id": identifier, "deep_features": deep_feature_names(study),
             "bytes_up_per_site": dict(traffic.bytes_in), "traffic": traffic.summary()}

@@ -6,10 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from client.cnn_task import build_network, case_dataset, cox_loss, deep_features, predict, train_epochs
 from client.synth import generate_cohort
 from common.cox import site_cox_newton
+from common.messages import arrays_record, record_arrays
 
 PHASES = ["arterial", "venous"]
 
@@ -75,3 +78,25 @@ def test_local_training_changes_weights_and_lowers_the_loss(cohort):
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     with pytest.raises(ValueError, match="architecture must be one of"):
         build_network("vgg")
+
+
+def test_fedavg_of_identical_sites_equals_local_training(cohort):
+    """Two sites holding the same cases, starting from the same weights with the same seed, return the same
+    weights, and Flower's FedAvg of them is local training itself (augmentation included)."""
+    manifest, root = cohort
+    start = build_network("resnet18", spatial_dims=2, in_channels=len(PHASES)).state_dict()
+
+    def site_round():
+        net = build_network("resnet18", spatial_dims=2, in_channels=len(PHASES))
+        net.load_state_dict(start)
+        data = case_dataset(manifest, root, PHASES, box=(32, 32, 8), dims=2, train=True)
+        train_epochs(net, data, epochs=2, lr=1e-3, batch_size=4, seed=7)
+        return {k: v.detach().numpy() for k, v in net.state_dict().items()}
+
+    local, site_a, site_b = site_round(), site_round(), site_round()
+    replies = [RecordDict({"arrays": arrays_record(**w), "metrics": MetricRecord({"num-examples": len(manifest)})})
+               for w in (site_a, site_b)]
+    averaged = record_arrays(aggregate_arrayrecords(replies, "num-examples"))
+    assert any(not np.array_equal(local[k], start[k].numpy()) for k in local)  # training did something
+    for name, value in local.items():
+        np.testing.assert_array_equal(averaged[name], value.astype(np.float64), err_msg=name)

@@ -22,7 +22,6 @@ sliding-window over the whole resampled image, threshold 0.5, largest connected 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -41,10 +40,11 @@ from monai.transforms import (Compose, MapTransform, RandCropByPosNegLabeld, Ran
 from client import imaging
 from client.cnn_task import device
 from common.errors import CaseError, FedradError
+from common.messages import weights_id
 
 __all__ = ["build_segmenter", "seg_dataset", "seg_transforms", "train_epochs", "dice_on", "dice_per_case",
            "predict_mask", "segment_image", "resample_case", "check_box", "segmenter_with", "write_model",
-           "read_model", "weights_sha256"]
+           "read_model"]
 
 #: SegResNet halves the field three times (blocks_down has four levels): a box side must divide by 8.
 BOX_MULTIPLE = 8
@@ -298,15 +298,6 @@ MODEL_KIND = "fedrad-segmentation"
 MODEL_FORMAT = 1
 
 
-def weights_sha256(weights: dict[str, np.ndarray]) -> str:
-    """Hash of the weights' names and float64 values, independent of file format and key order."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(weights[name], dtype=np.float64).tobytes())
-    return h.hexdigest()
-
-
 def segmenter_with(settings: dict, weights: dict) -> torch.nn.Module:
     """The settings' SegResNet carrying ``weights`` (float64 arrays keyed by state_dict names)."""
     net = build_segmenter(settings["init_filters"])
@@ -330,7 +321,7 @@ def write_model(folder: Path, weights: dict[str, np.ndarray], settings: dict, **
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / MODEL_WEIGHTS, **{k: np.asarray(v, dtype=np.float64) for k, v in weights.items()})
     meta = {"kind": MODEL_KIND, "format": MODEL_FORMAT, "settings": settings,
-            "weights": MODEL_WEIGHTS, "weights_sha256": weights_sha256(weights), **about}
+            "weights": MODEL_WEIGHTS, "weights_sha256": weights_id(weights), **about}
     (folder / MODEL_META).write_text(json.dumps(meta, indent=2, default=str))
     return folder
 
@@ -362,7 +353,7 @@ def read_model(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         raise FedradError(f"segmentation model {folder}: weights file {weights_path.name} not found")
     with np.load(weights_path, allow_pickle=False) as archive:
         weights = {k: archive[k] for k in archive.files}
-    if weights_sha256(weights) != meta.get("weights_sha256"):
+    if weights_id(weights) != meta.get("weights_sha256"):
         raise FedradError(f"segmentation model {folder}: {weights_path.name} does not match the weights_sha256 "
                           f"in {MODEL_META} (the file was changed or comes from another model)")
     for key in ("phase", "spacing", "box", "window", "init_filters"):

@@ -29,7 +29,7 @@ from client.site_data import site_log
 from client.store import MASK_SOURCE, FeatureStore
 from common import schemas
 from common.errors import FedradError, StoreError
-from common.messages import arrays_record
+from common.messages import weights_record
 from common.splits import held_out
 
 PARTS = ("training", "held_out", "all")
@@ -68,7 +68,7 @@ def split_cases(items: list[dict], settings: dict, part: str) -> list[dict]:
 
 
 def segmenter_with(settings: dict, arrays: dict):
-    """The study's SegResNet carrying the coordinator's weights (float64 on the wire, the network's dtype here)."""
+    """The study's SegResNet carrying the coordinator's weights (float32 on the wire, as the network holds them)."""
     from client.segmentation import segmenter_with as build
 
     try:
@@ -121,7 +121,7 @@ def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
     metrics = MetricRecord({"num-examples": len(training), "loss": float(history[-1]), "dice": dice,
                             "n_held_out": len(held)})
     groups["segmentation training cases"] = len(training)
-    return (RecordDict({"arrays": arrays_record(**weights), "metrics": metrics}),
+    return (RecordDict({"arrays": weights_record(weights), "metrics": metrics}),
             _disclosure(store, len(cases), weights, groups))
 
 

@@ -8,6 +8,7 @@ weights in their own dtype (float32), which is just as exact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -63,6 +64,16 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 def weights_record(weights: dict) -> ArrayRecord:
     """Network weights in their own dtype (float32 for MONAI networks): exact, and half the bytes of float64."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def weights_id(weights: dict[str, np.ndarray]) -> str:
+    """sha256 of a network's tensor names and float64 values: the same whatever the file format, dtype on the
+    wire or key order, so a site, a package and a saved model can all name the network they hold."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(weights[name], dtype=np.float64).tobytes())
+    return h.hexdigest()
 
 
 def weights_request(plan: dict, weights: dict) -> RecordDict:

@@ -139,3 +139,21 @@ def _reason(reply: Message) -> str:
     if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
         return f"its SuperNode stopped responding mid-round (Flower: {reply.error.reason})"
     return reply.error.reason
+
+
+def fedavg_round(fed: "Federation", stage: str, message_type: str, sites: list[str], plan: dict, round_no: int,
+                 weights: dict, traffic: StageTraffic, min_sites: int) -> tuple[RoundOutcome, dict]:
+    """One round of federated averaging: the global weights to every site, their replies, and the new
+    global weights (Flower's ``aggregate_arrayrecords``, weighted by ``num-examples``). Fails the stage
+    when fewer than ``min_sites`` answer, naming who did not and why."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from common.messages import record_arrays, weights_request
+
+    outcome = fed.ask(stage, traffic.rounds + 1, message_type,
+                      {s: weights_request({**plan, "round": round_no}, weights) for s in sites},
+                      {s: fed.sites[s] for s in sites}, traffic)
+    if len(outcome.replies) < min_sites:
+        raise StageFailed(f"{stage}: round {round_no}: {len(outcome.replies)} site(s) answered, the study needs "
+                          f"min_sites={min_sites}; " + "; ".join(f"{s}: {r}" for s, r in outcome.failures.items()))
+    return outcome, record_arrays(aggregate_arrayrecords(list(outcome.replies.values()), "num-examples"))

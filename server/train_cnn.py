@@ -11,18 +11,16 @@ weights are kept in ``RUN_DIR/cnn/weights.npz``.
 
 from __future__ import annotations
 
-import hashlib
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
 from flwr.common.logger import log
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.schemas import DEEP_PREFIX
-from common.messages import CNN_SCORES, TRAIN_CNN, record_arrays, weights_request
+from common.messages import CNN_SCORES, TRAIN_CNN, weights_id, weights_request
 from common.study import Study
-from server.federation import Federation, StageFailed, StageTraffic
+from server.federation import Federation, StageTraffic, fedavg_round
 from server.fit import study_sites
 
 WEIGHTS = "weights.npz"
@@ -55,14 +53,6 @@ def deep_feature_names(study: Study) -> list[str]:
     net = network_for(study.cnn.model_dump(mode="json"))
     head = net.fc if hasattr(net, "fc") else net.class_layers.out
     return [f"{DEEP_PREFIX}cnn_{j:04d}" for j in range(head.in_features)]
-
-
-def weights_id(weights: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(weights[name], dtype=np.float64).tobytes())
-    return h.hexdigest()
 
 
 def _round_figures(round_no: int, replies: dict) -> dict:
@@ -137,14 +127,9 @@ def run_train_cnn(fed: Federation, study: Study, census: dict, harmonise: dict |
     plan = {"study": study.model_dump(mode="json")}
     history, failed, stopping, stopped, budget_stop = [], {}, EarlyStopping(study.cnn.patience), None, None
     for round_no in range(1, study.cnn.rounds + 1):
-        outcome = fed.ask("train_cnn", traffic.rounds + 1, TRAIN_CNN,
-                          {s: weights_request({**plan, "round": round_no}, weights) for s in sites},
-                          {s: fed.sites[s] for s in sites}, traffic)
+        outcome, averaged = fedavg_round(fed, "train_cnn", TRAIN_CNN, sites, plan, round_no, weights, traffic,
+                                         study.federation.min_sites)
         failed.update(outcome.failures)
-        if len(outcome.replies) < study.federation.min_sites:
-            raise StageFailed(f"train_cnn: round {round_no}: {len(outcome.replies)} site(s) answered, the study "
-                              f"needs min_sites={study.federation.min_sites}; " +
-                              "; ".join(f"{s}: {r}" for s, r in outcome.failures.items()))
         history.append(_round_figures(round_no, outcome.replies))
         log(INFO, "train_cnn: round %d, mean local loss %.4f, validation loss of the global model %s", round_no,
             np.mean(list(history[-1]["loss"].values())), history[-1]["val_loss_mean"])
@@ -153,7 +138,7 @@ def run_train_cnn(fed: Federation, study: Study, census: dict, harmonise: dict |
             budget_stop = (f"stopped after round {round_no}: another round would take {over} past the privacy "
                            f"budget ε = {study.cnn.privacy.epsilon_budget:g}")
             log(INFO, "train_cnn: %s", budget_stop)
-            weights = record_arrays(aggregate_arrayrecords(list(outcome.replies.values()), "num-examples"))
+            weights = averaged
             break
         if stopping.update(round_no, history[-1]["val_loss_mean"], weights):
             stopped = round_no
@@ -161,7 +146,7 @@ def run_train_cnn(fed: Federation, study: Study, census: dict, harmonise: dict |
             log(INFO, "train_cnn: early stop at round %d; keeping the weights after round %d", round_no,
                 stopping.best_round)
             break
-        weights = record_arrays(aggregate_arrayrecords(list(outcome.replies.values()), "num-examples"))
+        weights = averaged
     folder = Path(run_dir) / "cnn"
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / WEIGHTS, **weights)

@@ -19,18 +19,17 @@ from pathlib import Path
 
 import numpy as np
 from flwr.common.logger import log
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.messages import SEG_DICE, TRAIN_SEG, record_arrays, request
+from common.messages import SEG_DICE, TRAIN_SEG, weights_id, weights_request
 from common.study import Study
-from server.federation import Federation, StageFailed, StageTraffic
+from server.federation import Federation, StageFailed, StageTraffic, fedavg_round
 from server.fit import study_sites
 
 MODEL_DIR = "segmentation"
 
 
 def initial_weights(study: Study) -> dict[str, np.ndarray]:
-    """The untrained SegResNet of the study's seed, float64 (what travels)."""
+    """The untrained SegResNet of the study's seed (float32, as it travels)."""
     import torch
 
     from client.segmentation import build_segmenter, check_box
@@ -38,7 +37,7 @@ def initial_weights(study: Study) -> dict[str, np.ndarray]:
     check_box(study.segment.box)
     torch.manual_seed(study.segment.seed)
     net = build_segmenter(study.segment.init_filters)
-    return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in net.state_dict().items()}
+    return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
 
 
 def _finite(value) -> float | None:
@@ -64,7 +63,7 @@ def _round_figures(round_no: int, replies: dict) -> dict:
 
 
 def run_train_seg(fed: Federation, study: Study, census: dict, run_dir: Path) -> dict:
-    from client.segmentation import weights_sha256, write_model
+    from client.segmentation import write_model
 
     traffic = StageTraffic()
     sites = study_sites(census, None, fed, study)
@@ -75,23 +74,17 @@ def run_train_seg(fed: Federation, study: Study, census: dict, run_dir: Path) ->
     plan = {"study": study.model_dump(mode="json")}
     history, failed = [], {}
     for round_no in range(1, study.segment.rounds + 1):
-        outcome = fed.ask("train_seg", traffic.rounds + 1, TRAIN_SEG,
-                          {s: request({**plan, "round": round_no}, **weights) for s in sites},
-                          {s: fed.sites[s] for s in sites}, traffic)
+        outcome, weights = fedavg_round(fed, "train_seg", TRAIN_SEG, sites, plan, round_no, weights, traffic,
+                                        study.federation.min_sites)
         failed.update(outcome.failures)
-        if len(outcome.replies) < study.federation.min_sites:
-            raise StageFailed(f"train_seg: round {round_no}: {len(outcome.replies)} site(s) answered, the study "
-                              f"needs min_sites={study.federation.min_sites}; " +
-                              "; ".join(f"{s}: {r}" for s, r in outcome.failures.items()))
         history.append(_round_figures(round_no, outcome.replies))
-        weights = record_arrays(aggregate_arrayrecords(list(outcome.replies.values()), "num-examples"))
         log(INFO, "train_seg: round %d, mean local Dice loss %.4f, held-out Dice of the weights sent %s", round_no,
             np.mean(list(history[-1]["loss"].values())), history[-1]["mean_dice"])
 
-    identifier = weights_sha256(weights)
+    identifier = weights_id(weights)
     everyone = sites + [s for s in study.sites.validation if s in census["sites"] and s in fed.sites]
     outcome = fed.ask("train_seg", traffic.rounds + 1, SEG_DICE,
-                      {s: request({**plan, "weights_id": identifier}, **weights) for s in everyone},
+                      {s: weights_request({**plan, "weights_id": identifier}, weights) for s in everyone},
                       {s: fed.sites[s] for s in everyone}, traffic)
     failed.update(outcome.failures)
     final_dice = {s: _finite(r["metrics"]["dice"]) for s, r in outcome.replies.items()}

@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 from client.cli import app
 from client.extraction import default_params_path
 from client.segmentation import (build_segmenter, dice_on, read_model, seg_dataset, segment_image, train_epochs,
-                                 weights_sha256, write_model)
+                                 write_model)
 from client.store import MASK_SOURCE, open_store
 from client.synth import generate_cohort
 from common.errors import FedradError
+from common.messages import weights_id
 from common.splits import held_out, unit_hash
 from common.study import Segment
 
@@ -157,7 +158,7 @@ def model(trained, tmp_path_factory):
 
 def test_a_model_is_read_from_its_folder_or_weights_and_checked(model, tmp_path):
     weights, meta = read_model(model)
-    assert meta["weights_sha256"] == weights_sha256(weights) and meta["settings"]["init_filters"] == 4
+    assert meta["weights_sha256"] == weights_id(weights) and meta["settings"]["init_filters"] == 4
     assert read_model(model / "model.npz")[1] == meta
     (tmp_path / "model.json").write_text((model / "model.json").read_text())
     np.savez(tmp_path / "model.npz", **{k: v + (k.endswith("bias")) for k, v in weights.items()})

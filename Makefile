@@ -21,7 +21,8 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/fedrad demo --out $(DEMO)
 
-# loadfile: a test file's federation (SuperLink + SuperNodes) serves all its tests on one worker.
+# loadfile: a test file's federation (SuperLink + SuperNodes) serves all its tests on one worker. Two workers on
+# two cores: four were slower (the CNN and Flower processes compete), though CPU is ~13 of 18 min with two.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=8 tests
 
@@ -29,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/extraction.py
 	$(BIN)/python bench/federation.py
 	$(BIN)/python bench/models.py
+	$(BIN)/python bench/cnn.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -24,7 +24,7 @@ from monai.transforms import (Compose, ConcatItemsd, CropForegroundd, DeleteItem
 
 from common.errors import FedradError
 
-__all__ = ["case_transforms", "case_dataset", "build_network", "network_for", "cox_loss", "train_epochs", "predict",
+__all__ = ["case_transforms", "case_dataset", "build_network", "network_for", "uses_dp", "cox_loss", "train_epochs", "predict",
            "deep_features", "device", "ARCHITECTURES"]
 
 ARCHITECTURES = ("resnet18", "densenet121")
@@ -116,9 +116,13 @@ def network_for(cnn: dict) -> torch.nn.Module:
     in a federation, are averaged across sites; scores in eval mode then barely reflect what was learnt
     (measured on the synthetic cohort: Spearman with the truth 0.32–0.68 with BatchNorm in eval mode,
     0.82–0.97 with the statistics recomputed)."""
-    private = cnn.get("privacy", {}).get("noise_multiplier", 0) > 0
     return build_network(cnn["architecture"], spatial_dims=cnn["dims"], in_channels=len(cnn["phases"]),
-                         dp=private, norm=cnn.get("norm", "batch"))
+                         dp=uses_dp(cnn), norm=cnn.get("norm", "batch"))
+
+
+def uses_dp(cnn: dict) -> bool:
+    """Whether the ``[cnn]`` settings ask for DP-SGD (a noise multiplier above 0)."""
+    return cnn.get("privacy", {}).get("noise_multiplier", 0) > 0
 
 
 def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:

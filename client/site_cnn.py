@@ -116,7 +116,7 @@ def _held_out_figures(store: FeatureStore, cnn: dict, net, min_count: int) -> tu
 
 def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, min_count: int = 1,
                 run_id: int = 0) -> tuple[RecordDict, Disclosure]:
-    from client.cnn_task import train_epochs
+    from client.cnn_task import train_epochs, uses_dp
 
     cnn = plan["study"]["cnn"]
     net = network_with(cnn, arrays)
@@ -125,7 +125,7 @@ def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, min_co
     if len(manifest) < 2:
         raise StoreError(f"train_cnn: {len(manifest)} training case(s) after the validation split; the CNN needs "
                          "at least 2 (lower [cnn] validation_fraction)")
-    if _private(cnn):
+    if uses_dp(cnn):
         loss, privacy = _train_private(store, cnn, net, dataset, run_id)
     else:
         loss = train_epochs(net, dataset, epochs=cnn["local_epochs"], lr=cnn["lr"], batch_size=cnn["batch_size"],
@@ -139,10 +139,6 @@ def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, min_co
     if groups:
         groups["cnn training split"] = len(manifest)
     return content, _weights_disclosure(ids, weights, groups)
-
-
-def _private(cnn: dict) -> bool:
-    return cnn.get("privacy", {}).get("noise_multiplier", 0) > 0
 
 
 def _train_private(store: FeatureStore, cnn: dict, net, dataset, run_id: int) -> tuple[float, dict]:

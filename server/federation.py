@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import numpy as np
+
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
@@ -157,3 +159,15 @@ def fedavg_round(fed: "Federation", stage: str, message_type: str, sites: list[s
         raise StageFailed(f"{stage}: round {round_no}: {len(outcome.replies)} site(s) answered, the study needs "
                           f"min_sites={min_sites}; " + "; ".join(f"{s}: {r}" for s, r in outcome.failures.items()))
     return outcome, record_arrays(aggregate_arrayrecords(list(outcome.replies.values()), "num-examples"))
+
+
+def finite_or_none(value) -> float | None:
+    """A site's scalar as results.json holds it: NaN (a withheld figure) becomes None."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def case_weighted_mean(values: dict[str, float | None], cases: dict[str, int]) -> float | None:
+    """Mean of the sites' figures weighted by their case counts, over the sites that reported one."""
+    weighted = [(cases[s], v) for s, v in values.items() if v is not None and cases.get(s, 0) > 0]
+    total = sum(n for n, _ in weighted)
+    return sum(n * v for n, v in weighted) / total if total else None

@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from common.schemas import DEEP_PREFIX
 from common.messages import CNN_SCORES, TRAIN_CNN, weights_id, weights_request
 from common.study import Study
-from server.federation import Federation, StageTraffic, fedavg_round
+from server.federation import Federation, StageTraffic, case_weighted_mean, fedavg_round, finite_or_none
 from server.fit import study_sites
 
 WEIGHTS = "weights.npz"
@@ -62,20 +62,14 @@ def _round_figures(round_no: int, replies: dict) -> dict:
     figures = {"round": round_no,
                "loss": {s: float(m["loss"]) for s, m in metrics.items()},
                "cases": {s: int(m["num-examples"]) for s, m in metrics.items()},
-               "val_loss": {s: _finite(m.get("val_loss")) for s, m in metrics.items()},
-               "val_c_index": {s: _finite(m.get("val_c_index")) for s, m in metrics.items()},
+               "val_loss": {s: finite_or_none(m.get("val_loss")) for s, m in metrics.items()},
+               "val_c_index": {s: finite_or_none(m.get("val_c_index")) for s, m in metrics.items()},
                "val_cases": {s: int(m.get("val_n", 0)) for s, m in metrics.items()}}
     if any("dp_epsilon" in m for m in metrics.values()):
         figures["dp_epsilon"] = {s: float(m["dp_epsilon"]) for s, m in metrics.items()}
         figures["dp_epsilon_next"] = {s: float(m["dp_epsilon_next"]) for s, m in metrics.items()}
-    weighted = [(figures["val_cases"][s], v) for s, v in figures["val_loss"].items() if v is not None]
-    total = sum(n for n, _ in weighted)
-    figures["val_loss_mean"] = sum(n * v for n, v in weighted) / total if total else None
+    figures["val_loss_mean"] = case_weighted_mean(figures["val_loss"], figures["val_cases"])
     return figures
-
-
-def _finite(value) -> float | None:
-    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _over_budget(figures: dict, study: Study) -> str:

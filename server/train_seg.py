@@ -22,7 +22,8 @@ from flwr.common.logger import log
 
 from common.messages import SEG_DICE, TRAIN_SEG, weights_id, weights_request
 from common.study import Study
-from server.federation import Federation, StageFailed, StageTraffic, fedavg_round
+from server.federation import (Federation, StageFailed, StageTraffic, case_weighted_mean, fedavg_round,
+                               finite_or_none)
 from server.fit import study_sites
 
 MODEL_DIR = "segmentation"
@@ -40,25 +41,14 @@ def initial_weights(study: Study) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
 
 
-def _finite(value) -> float | None:
-    return float(value) if value is not None and np.isfinite(value) else None
-
-
-def mean_dice(dice: dict[str, float | None], cases: dict[str, int]) -> float | None:
-    """Case-weighted mean Dice over the sites that reported one (withheld figures are left out)."""
-    weighted = [(cases[s], d) for s, d in dice.items() if d is not None and cases.get(s, 0) > 0]
-    total = sum(n for n, _ in weighted)
-    return sum(n * d for n, d in weighted) / total if total else None
-
-
 def _round_figures(round_no: int, replies: dict) -> dict:
     metrics = {s: r["metrics"] for s, r in replies.items()}
     figures = {"round": round_no,
                "loss": {s: float(m["loss"]) for s, m in metrics.items()},
                "cases": {s: int(m["num-examples"]) for s, m in metrics.items()},
-               "dice": {s: _finite(m["dice"]) for s, m in metrics.items()},
+               "dice": {s: finite_or_none(m["dice"]) for s, m in metrics.items()},
                "held_out": {s: int(m["n_held_out"]) for s, m in metrics.items()}}
-    figures["mean_dice"] = mean_dice(figures["dice"], figures["held_out"])
+    figures["mean_dice"] = case_weighted_mean(figures["dice"], figures["held_out"])
     return figures
 
 
@@ -87,9 +77,9 @@ def run_train_seg(fed: Federation, study: Study, census: dict, run_dir: Path) ->
                       {s: weights_request({**plan, "weights_id": identifier}, weights) for s in everyone},
                       {s: fed.sites[s] for s in everyone}, traffic)
     failed.update(outcome.failures)
-    final_dice = {s: _finite(r["metrics"]["dice"]) for s, r in outcome.replies.items()}
+    final_dice = {s: finite_or_none(r["metrics"]["dice"]) for s, r in outcome.replies.items()}
     final_cases = {s: int(r["metrics"]["n_held_out"]) for s, r in outcome.replies.items()}
-    final_mean = mean_dice({s: d for s, d in final_dice.items() if s in sites}, final_cases)
+    final_mean = case_weighted_mean({s: d for s, d in final_dice.items() if s in sites}, final_cases)
     log(INFO, "train_seg: final held-out Dice per site %s (training sites' case-weighted mean %s)",
         {s: None if d is None else round(d, 3) for s, d in final_dice.items()}, final_mean)
 

@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedrad-installed
+SYSTEM := $(VENV)/.system-packages
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO   := demo-out
 PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
 
@@ -23,7 +25,15 @@ demo: $(STAMP)
 
 # loadfile: a test file's federation (SuperLink + SuperNodes) serves all its tests on one worker. Two workers on
 # two cores: four were slower (the CNN and Flower processes compete), though CPU is ~13 of 18 min with two.
-test: $(STAMP)
+# Debian packages the tests drive for real: chromium (the dashboard, through playwright; no browser
+# download) and nginx (the proxy in deploy/). Installed only when missing.
+$(SYSTEM): $(STAMP)
+	command -v chromium >/dev/null && command -v nginx >/dev/null || \
+	  { export DEBIAN_FRONTEND=noninteractive; $(SUDO) apt-get install -y -q chromium nginx-light || \
+	    { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium nginx-light; }; }
+	touch $(SYSTEM)
+
+test: $(STAMP) $(SYSTEM)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=8 tests
 
 bench: $(STAMP)

@@ -29,9 +29,10 @@ from client.site_evaluate import calibration_newton_reply, metrics_reply, thresh
 from client.site_fit import baseline_reply, event_times_reply, model_summaries_reply, risk_sets_reply
 from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, validate_reply, zscore_reply
 from client.store import open_store
+from client.store_guard import check_unchanged, remember_census
 from common import schemas
 from common.errors import FedradError
-from common.messages import PRIVACY_REFUSED, SITE_FAILED, STAGE_OF, record_arrays, request_plan
+from common.messages import CENSUS, PRIVACY_REFUSED, SITE_FAILED, STAGE_OF, record_arrays, request_plan
 from common.study import parse_study
 
 app = ClientApp()
@@ -62,6 +63,10 @@ def answer(msg: Message, context: Context, build) -> Message:
         study = parse_study(plan["study"], source="the coordinator's study")
         min_count = max(study.privacy.min_count, site_min)
         store = open_store(store_path)
+        if message_type == CENSUS:
+            remember_census(store_path, context.run_id)
+        else:
+            check_unchanged(store_path, context.run_id)
         identifiers = frozenset(store.features[schemas.ID].astype(str))
         content, disclosure = build(store, plan, study, site, min_count)
         check_reply(content, disclosure, min_count)

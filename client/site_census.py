@@ -15,6 +15,7 @@ import common
 from client.privacy import Disclosure
 from client.site_data import HARMONISED_META, batch_labels, site_log
 from client.store import FeatureStore, PARAMS
+from client.store_guard import features_sha256
 from common import schemas
 from common.errors import StoreError
 from common.study import Study, select_features
@@ -64,7 +65,7 @@ def census_reply(store: FeatureStore, study: Study, site: str, min_count: int) -
         "small_batch_levels": small,
         "problems": problems,
         "harmonised_reference": _harmonised_reference(store.path),
-        "store_sha256": str(store.meta.get("features_sha256", "")),
+        "store_sha256": features_sha256(store.path),  # as on disk now: the later stages check against it
     })
     for name, names in category_levels.items():
         site_record[f"levels:{name}"] = names

@@ -43,6 +43,7 @@ def run_census(fed: Federation, study: Study) -> dict:
     params_hash = _refuse_odd_settings(sites, refused)
     for name in refused:
         fed.sites.pop(name, None)
+    fed.store_hashes = {name: sites[name]["store_sha256"] for name in fed.sites}
     accepted = {name: info for name, info in sites.items() if name not in refused}
     if len(accepted) < study.federation.min_sites:
         raise StageFailed(f"census: {len(accepted)} site(s) usable, the study needs min_sites="
@@ -74,6 +75,37 @@ def run_census(fed: Federation, study: Study) -> dict:
     for name, reason in refused.items():
         log(WARNING, "census: %s refused: %s", name, reason)
     return result
+
+
+def roll_call(fed: Federation, study: Study, census: dict, before: str) -> dict[str, str]:
+    """Find census sites whose SuperNode went away and came back under a new node id (a restart
+    without node authentication gives a new id), so that a site lost in one stage takes part in
+    the next. Newcomers answer a census; one that names a lost site and brings the store the
+    census saw takes its place. Returns {site: what happened} for results.json."""
+    online = fed.online()
+    lost = [s for s in census["sites"] if fed.sites.get(s) not in online]
+    newcomers = {f"node {n}": n for n in sorted(online - set(fed.sites.values()))}
+    if not lost or not newcomers:
+        return {}
+    rounds = int(fed.runlog.count_rounds("census"))
+    plan = {"study": study.model_dump(mode="json")}
+    outcome = fed.ask("census", rounds + 1, CENSUS, {label: request(plan) for label in newcomers}, newcomers)
+    events: dict[str, str] = {}
+    for label, content in outcome.replies.items():
+        info = _site_info(content)
+        name = info["name"]
+        fed.runlog.rename_site("census", label, name)
+        if name not in lost:
+            continue
+        if info["store_sha256"] != fed.store_hashes.get(name):
+            events[name] = (f"rejoined before {before} with a store that differs from the census "
+                            f"({fed.store_hashes.get(name, '')[:12]} → {info['store_sha256'][:12]}): left out")
+            log(WARNING, "%s: %s", name, events[name])
+            continue
+        fed.sites[name] = newcomers[label]
+        events[name] = f"rejoined before {before} as node {newcomers[label]}"
+        log(INFO, "%s: %s", name, events[name])
+    return events
 
 
 def _site_named_in(reason: str) -> str | None:

@@ -63,6 +63,8 @@ class Federation:
         self.runlog = runlog
         self.timeout_s = timeout_s
         self.sites: dict[str, int] = {}
+        #: each accepted site's features.parquet hash at the census: a site that rejoins must bring the same store
+        self.store_hashes: dict[str, str] = {}
 
     def online(self) -> set[int]:
         return set(self.grid.get_node_ids())
@@ -96,6 +98,8 @@ class Federation:
         pending = {mid: label for mid, label in zip(ids, labels) if mid}
         for label in set(labels) - set(pending.values()):
             failures[label] = "the SuperLink did not accept the message"
+        self.runlog.pending(stage, round_no, message_type, {label: targets[label] for label in pending.values()},
+                            sizes)  # settled below, row by row, by runlog.exchange
         replies: dict[str, RecordDict] = {}
         refused_by_site: set[str] = set()
         received: dict[str, tuple[int, float]] = {}

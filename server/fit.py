@@ -184,7 +184,7 @@ def _fit_once(fed, plan: dict, model: Model, sites, traffic) -> dict:
         if model.share_event_times:
             evaluate = _risk_set_evaluator(fed, sites, plan, model, traffic)
         if model.penalty == "none":
-            return _newton(evaluate, names, model, logistic)
+            return _newton(evaluate, names, model, logistic, record=_newton_series(fed, model))
         return _elastic_net(evaluate, names, model, logistic, plan["cv_folds"])
     except (RankDeficientError, SeparationError, ConvergenceError) as exc:
         raise StageFailed(f"fit: model '{model.name}': {exc}") from None
@@ -233,7 +233,7 @@ def _univariate_then_multivariable(fed, sites, plan: dict, model: Model, traffic
     subset = lead + [len(lead) + j for j in keep]
     names = (["intercept"] if logistic else []) + entered
     result = _newton(_evaluator(fed, sites, dict(plan, subsets=[subset]), model.name, traffic), names, model,
-                     logistic)
+                     logistic, record=_newton_series(fed, model))
     result["independent"] = [r["covariate"] for r in result["table"]
                              if r["covariate"] != "intercept" and r["p"] < model.multivariable_p]
     result["columns"] = entered
@@ -247,10 +247,23 @@ def _newton_step(state, total, names, model: Model, logistic: bool):
     return update_newton(state, total, ridge=model.ridge, names=names)
 
 
-def _newton(evaluate, names, model: Model, logistic: bool) -> dict:
+def _newton_series(fed: Federation, model: Model):
+    """Write each Newton evaluation to the run log as it happens (the dashboard's convergence plot):
+    round = evaluation number within this fit (1, 2, ...), log-likelihood and the largest |Δβ| (none when
+    the step was halved)."""
+    def record(evaluation: int, entry: dict) -> None:
+        fed.runlog.series("fit", "loglik", evaluation, entry["loglik"], part=model.name)
+        if not isinstance(entry["step"], str):
+            fed.runlog.series("fit", "step", evaluation, entry["step"], part=model.name)
+    return record
+
+
+def _newton(evaluate, names, model: Model, logistic: bool, record=None) -> dict:
     state = start_newton(len(names))
     while not state.converged and state.iteration < MAX_NEWTON_ROUNDS:
         state = _newton_step(state, evaluate(state.beta[None, None, :])[(0, 0)].train, names, model, logistic)
+        if record is not None:
+            record(len(state.history), state.history[-1])
     table = wald_table(state.beta, state.best.hess, names, exp_name="OR" if logistic else "HR")
     penalised = state.best_beta[1:] if logistic else state.best_beta  # the intercept is never penalised
     loglik = float(state.best.loglik) + 0.5 * model.ridge * float(penalised @ penalised)

@@ -82,10 +82,20 @@ def flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port that this process has not handed out before. The processes that get
+    the ports bind them seconds later, so the OS may offer a port twice meanwhile (two of 30
+    SuperNodes got the same one, and the second died: 'address already in use')."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def write_app(folder: Path) -> Path:
@@ -176,21 +186,37 @@ class LocalFederation:
         shutil.rmtree(flwr_dir, ignore_errors=True)  # a fresh SuperLink state per federation
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self._spawn("superlink", [flower_bin("flower-superlink"), "--insecure", "--port", str(self.port),
-                                  "--database", str(flwr_dir / "superlink.db"),
-                                  "--disable-runtime-dependency-installation"])
-        self._wait_healthy()
-        for name, store in self.sites.items():
-            node_config = f"store={json.dumps(str(store))} site-name={json.dumps(name)}"
-            if self.min_count:
-                node_config += f" min-count={int(self.min_count)}"
-            if self.allow_event_times:
-                node_config += " allow-event-times=true"
-            self._spawn(f"site-{name}", [flower_bin("flower-supernode"), "--insecure", "--superlink",
-                                         f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                                         "--node-config", node_config], threads=self._threads_per_site())
+        self.start_superlink()
+        for name in self.sites:
+            self.start_site(name)
         self.echo(f"federation up: SuperLink 127.0.0.1:{self.port}, {len(self.sites)} SuperNode(s) "
                   f"({', '.join(self.sites)}); logs in {self.workdir / 'logs'}")
+
+    def start_superlink(self) -> None:
+        """The SuperLink on this federation's port, its state in an SQLite file that outlives it."""
+        self._spawn("superlink", [flower_bin("flower-superlink"), "--insecure", "--port", str(self.port),
+                                  "--database", str(self.workdir / "flwr" / "superlink.db"),
+                                  "--disable-runtime-dependency-installation"])
+        self._wait_healthy()
+
+    def start_site(self, name: str) -> None:
+        """A site's SuperNode; also how a stopped site comes back (it gets a new node id)."""
+        node_config = f"store={json.dumps(str(self.sites[name]))} site-name={json.dumps(name)}"
+        if self.min_count:
+            node_config += f" min-count={int(self.min_count)}"
+        if self.allow_event_times:
+            node_config += " allow-event-times=true"
+        self._spawn(f"site-{name}", [flower_bin("flower-supernode"), "--insecure", "--superlink",
+                                     f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                                     "--node-config", node_config], threads=self._threads_per_site())
+
+    def restart_superlink(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the SuperLink (by default as a crash would) and start it again on the same port and
+        database: runs, nodes and messages persist, and the SuperNodes reconnect by themselves."""
+        proc = self.processes["superlink"]
+        self._signal(proc, sig)
+        proc.wait()
+        self.start_superlink()
 
     def _threads_per_site(self) -> int:
         """All sites share this machine's cores: each site's torch/BLAS gets its share (oversubscribed
@@ -203,7 +229,7 @@ class LocalFederation:
         env = flower_env(home)
         if threads and "OMP_NUM_THREADS" not in os.environ:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        with open(self.workdir / "logs" / f"{name}.log", "w", encoding="utf-8") as log_file:
+        with open(self.workdir / "logs" / f"{name}.log", "a", encoding="utf-8") as log_file:
             self.processes[name] = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                                     start_new_session=True)
 

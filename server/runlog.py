@@ -2,7 +2,10 @@
 
 One row per run, stage, round and site exchange (bytes each way, how long, why it failed),
 plus convergence figures, plus each finished stage's result keyed by its inputs (resume).
-Readers open it while a run writes (WAL), which is what a live dashboard needs.
+A round's exchanges are written as ``pending`` when its messages leave and updated when the
+round ends; ``series`` holds per-round figures as they happen (Newton log-likelihood and
+|Δβ|, CNN loss, C-index and ε per site). Readers open it while a run writes (WAL), which is
+what the live dashboard (`fedrad dashboard`, server/dashboard.py) needs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ CREATE TABLE IF NOT EXISTS rounds (run_id TEXT, stage TEXT, round INTEGER, messa
 CREATE TABLE IF NOT EXISTS exchanges (run_id TEXT, stage TEXT, round INTEGER, site TEXT, node_id TEXT,
                                       status TEXT, reason TEXT, bytes_out INTEGER, bytes_in INTEGER, seconds REAL);
 CREATE TABLE IF NOT EXISTS figures (run_id TEXT, stage TEXT, name TEXT, value REAL);
+CREATE TABLE IF NOT EXISTS series (run_id TEXT, stage TEXT, part TEXT, name TEXT, round INTEGER, site TEXT,
+                                   value REAL, at REAL);
 CREATE TABLE IF NOT EXISTS stage_results (stage TEXT PRIMARY KEY, input_key TEXT, run_id TEXT, finished REAL,
                                           result TEXT);
 """
@@ -65,18 +70,48 @@ class RunLog:
         self._insert("rounds", run_id=self.run_id, stage=stage, round=round_no, message_type=message_type,
                      started=started, ended=time.time(), asked=asked, answered=answered)
 
+    def pending(self, stage: str, round_no: int, message_type: str, targets: dict[str, int],
+                bytes_out: dict[str, int]) -> None:
+        """A round's messages have left: one ``pending`` exchange per site, until `exchange` settles it."""
+        for site, node_id in targets.items():
+            self._insert("exchanges", run_id=self.run_id, stage=stage, round=round_no, site=site,
+                         node_id=str(node_id), status="pending", reason=f"waiting for its reply to {message_type}",
+                         bytes_out=bytes_out.get(site, 0), bytes_in=0, seconds=None)
+
     def exchange(self, stage: str, round_no: int, site: str, node_id: int, status: str, reason: str,
                  bytes_out: int, bytes_in: int, seconds: float) -> None:
-        self._insert("exchanges", run_id=self.run_id, stage=stage, round=round_no, site=site, node_id=str(node_id),
-                     status=status, reason=reason, bytes_out=bytes_out, bytes_in=bytes_in, seconds=seconds)
+        """How a site's exchange ended: updates its ``pending`` row if the round wrote one, else a new row."""
+        settled = self._db.execute(
+            "UPDATE exchanges SET node_id=?, status=?, reason=?, bytes_out=?, bytes_in=?, seconds=? WHERE rowid = "
+            "(SELECT MAX(rowid) FROM exchanges WHERE run_id=? AND stage=? AND round=? AND site=? AND status='pending')",
+            (str(node_id), status, reason, bytes_out, bytes_in, seconds, self.run_id, stage, round_no, site))
+        if settled.rowcount == 0:
+            self._insert("exchanges", run_id=self.run_id, stage=stage, round=round_no, site=site,
+                         node_id=str(node_id), status=status, reason=reason, bytes_out=bytes_out, bytes_in=bytes_in,
+                         seconds=seconds)
 
     def rename_site(self, stage: str, label: str, name: str) -> None:
         """Give a node's exchanges its site name once the census has learnt it."""
         self._db.execute("UPDATE exchanges SET site=? WHERE run_id=? AND stage=? AND site=?",
                          (name, self.run_id, stage, label))
 
+    def count_rounds(self, stage: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM rounds WHERE run_id=? AND stage=?",
+                                (self.run_id, stage)).fetchone()[0]
+
+    def end_running_stages(self, status: str, detail: str = "") -> None:
+        """A run that ends abruptly (stopped, its SuperLink gone) leaves no stage 'running'."""
+        self._db.execute("UPDATE stages SET ended=?, status=?, detail=? WHERE run_id=? AND status='running'",
+                         (time.time(), status, detail, self.run_id))
+
     def figure(self, stage: str, name: str, value: float) -> None:
         self._insert("figures", run_id=self.run_id, stage=stage, name=name, value=float(value))
+
+    def series(self, stage: str, name: str, round_no: int, value: float | None, *, site: str = "",
+               part: str = "") -> None:
+        """One point of a per-round figure (``part``: e.g. the model a Newton iteration belongs to)."""
+        self._insert("series", run_id=self.run_id, stage=stage, part=part, name=name, round=int(round_no),
+                     site=site, value=None if value is None else float(value), at=time.time())
 
     def save_result(self, stage: str, input_key: str, result: dict) -> None:
         self._db.execute("INSERT OR REPLACE INTO stage_results VALUES (?, ?, ?, ?, ?)",

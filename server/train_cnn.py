@@ -72,6 +72,14 @@ def _round_figures(round_no: int, replies: dict) -> dict:
     return figures
 
 
+def _record_round(fed: Federation, figures: dict) -> None:
+    """The round's figures in the run log as they come (the dashboard's loss, C-index and ε plots)."""
+    for name in ("loss", "val_loss", "val_c_index", "dp_epsilon"):
+        for site, value in figures.get(name, {}).items():
+            fed.runlog.series("train_cnn", name, figures["round"], value, site=site)
+    fed.runlog.series("train_cnn", "val_loss_mean", figures["round"], figures["val_loss_mean"])
+
+
 def _over_budget(figures: dict, study: Study) -> str:
     """The sites one more round would take past the study's ε budget (empty: none, or no budget)."""
     budget = study.cnn.privacy.epsilon_budget
@@ -125,6 +133,7 @@ def run_train_cnn(fed: Federation, study: Study, census: dict, harmonise: dict |
                                          study.federation.min_sites)
         failed.update(outcome.failures)
         history.append(_round_figures(round_no, outcome.replies))
+        _record_round(fed, history[-1])
         log(INFO, "train_cnn: round %d, mean local loss %.4f, validation loss of the global model %s", round_no,
             np.mean(list(history[-1]["loss"].values())), history[-1]["val_loss_mean"])
         over = _over_budget(history[-1], study)

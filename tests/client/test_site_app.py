@@ -182,3 +182,29 @@ def test_select_withholds_icc_when_the_cases_without_a_repeat_are_too_few(tmp_pa
     assert int(content["counts"]["icc_n"]) == 0 and "icc_ss_cases" not in content["arrays"]
     content, _ = select_sums_reply(open_store(store_path), plan, min_count=3)
     assert int(content["counts"]["icc_n"]) == 21
+
+
+def test_a_store_changed_after_the_census_refuses_the_later_stages(tmp_path):
+    """The site re-runs `prepare` between the census and the next stage: the next message is refused,
+    with both row counts, and nothing is computed from the new store."""
+    from client.store_guard import CENSUS_DIR
+    from common.messages import SELECT_SUMS
+
+    table = hospital_rows()
+    rows = table[table["site"] == "siteB"]
+    store = write_stores(tmp_path / "first", rows)["siteB"]
+    context = _context(store)
+    assert not app(_census_message(), context).has_error()
+    assert (store / CENSUS_DIR / "run-7.json").is_file()
+    plan = {"study": parse_study({}).model_dump(mode="json"), "features": ["table__original_firstorder_F00"]}
+    write_stores(tmp_path / "again", rows.iloc[1:])  # the same site, one case fewer ...
+    for name in ("features.parquet", "store.json", "quarantine.csv"):  # ... prepared into the same folder
+        (store / name).write_bytes((tmp_path / "again" / "siteB" / name).read_bytes())
+    reply = app(Message(request(plan), dst_node_id=3, message_type=SELECT_SUMS), context)
+    assert reply.has_error() and reply.error.code == SITE_FAILED
+    assert reply.error.reason.startswith(f"siteB: its feature store changed since this run's census ({len(rows)} → "
+                                         f"{len(rows) - 1} rows, features.parquet ")
+    assert read_ledger(store)["status"].tolist() == ["sent", "refused"]
+    # another run's census takes the new store
+    other = Context(run_id=8, node_id=3, node_config=context.node_config, state=RecordDict(), run_config={})
+    assert not app(_census_message(), other).has_error()

@@ -164,6 +164,7 @@ from server import cli as _server_cli  # noqa: E402
 
 app.command("local")(_server_cli.local)
 app.command("status")(_server_cli.status)
+app.command("dashboard")(_server_cli.dashboard)
 app.command("ledger")(_server_cli.ledger)
 app.command("package")(_server_cli.package)
 app.add_typer(_server_cli.site_app, name="site")

@@ -42,14 +42,25 @@ def local(
     out: Path = typer.Option(..., "--out", help="Run directory (results.json, runlog.sqlite, reference/)."),
     allow_event_times: bool = typer.Option(False, "--allow-event-times",
                                            help="Every site consents to share event times (unstratified Cox)."),
+    dashboard: bool = typer.Option(False, "--dashboard", help="Serve the live dashboard of this run on loopback "
+                                                              "while it runs (`fedrad dashboard`)."),
+    dashboard_port: int = typer.Option(8765, "--dashboard-port", help="Port of --dashboard (0: any free port)."),
 ):
     """Run a study on a local federation: a real SuperLink and one SuperNode per site, on loopback."""
+    from contextlib import nullcontext
+
     from server.local import LocalFederation
 
     sites = parse_sites(site)
+    echo = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
     try:
-        with LocalFederation(out, sites, echo=lambda line: console.print(line, markup=False, highlight=False),
-                             allow_event_times=allow_event_times) as fed:
+        if dashboard:
+            from server.dashboard import dashboard_beside
+
+            beside = dashboard_beside(out.absolute(), dashboard_port, echo=echo)
+        else:
+            beside = nullcontext()
+        with beside, LocalFederation(out, sites, echo=echo, allow_event_times=allow_event_times) as fed:
             results = fed.run_study(study, out)
     except KeyboardInterrupt:
         console.print("[red]interrupted: every Flower process started for this run has been stopped")
@@ -112,14 +123,31 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory (holds runl
     console.print(table_of(rounds.drop(columns=["ended"]), "rounds"))
     ex = log["exchanges"]
     per_site = ex.groupby(["run_id", "site"], as_index=False).agg(
-        messages=("round", "size"), failed=("status", lambda s: int((s != "answered").sum())),
+        messages=("round", "size"), failed=("status", lambda s: int((s == "failed").sum())),
         bytes_out=("bytes_out", "sum"), bytes_in=("bytes_in", "sum"))
     console.print(table_of(per_site, "per site (bytes out = coordinator to site)"))
-    failures = ex[ex.status != "answered"][["run_id", "stage", "round", "site", "reason"]]
+    failures = ex[ex.status != "answered"][["run_id", "stage", "round", "site", "status", "reason"]]
     if len(failures):
-        console.print(table_of(failures, "failures"))
+        console.print(table_of(failures, "failures and pending replies"))
     if len(log["figures"]):
         console.print(table_of(log["figures"], "figures"))
+
+
+def dashboard(
+    run_dir: Path = typer.Option(..., "--run-dir", help="A run directory (runlog.sqlite; it may not exist yet)."),
+    port: int = typer.Option(8765, "--port", help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+):
+    """Serve a live view of a run: stages, rounds per site, bytes, convergence, privacy events, the report."""
+    import uvicorn
+
+    from server.dashboard import create_app
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] the dashboard has no login; on {host} anyone who can reach port {port} "
+                      "can read this run's log")
+    console.print(f"dashboard of {run_dir.absolute()}: http://{host}:{port}/ (Ctrl-C stops it)", highlight=False)
+    uvicorn.run(create_app(run_dir), host=host, port=port, log_level="warning")
 
 
 def ledger(store: Path = typer.Argument(..., help="A site's feature store.")):
@@ -165,9 +193,12 @@ coordinator_app = typer.Typer(no_args_is_help=True, help="Commands the coordinat
 def site_join(
     store: Path = typer.Option(..., "--store", help="This site's feature store (from `fedrad prepare`)."),
     superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, host:port."),
-    name: str = typer.Option(..., "--name", help="This site's name in the consortium."),
-    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate (TLS)."),
-    auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="Node private key (SuperNode authentication)."),
+    name: Optional[str] = typer.Option(None, "--name", help="This site's name in the consortium (default: "
+                                                            "the store's site name, else its folder's name)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--ca", "--root-certificates",
+                                                     help="The consortium's CA certificate, ca.crt (TLS)."),
+    auth_key: Optional[Path] = typer.Option(None, "--key", "--auth-key",
+                                            help="This site's private key, SITE.key (SuperNode authentication)."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS (loopback rehearsals only)."),
     port: int = typer.Option(9094, "--port", help="Local port of the SuperNode's own API."),
     min_count: Optional[int] = typer.Option(None, "--min-count", help="This site's minimum, if above the study's."),
@@ -178,9 +209,19 @@ def site_join(
     from client.store import open_store
     from server.local import flower_bin, flower_env
 
-    open_store(store)  # refuse a missing or broken store before connecting
+    try:
+        opened = open_store(store)  # refuse a missing or broken store before connecting
+    except FedradError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
     if not insecure and root_certificates is None:
-        raise typer.BadParameter("give --root-certificates (TLS), or --insecure for a loopback rehearsal")
+        raise typer.BadParameter("give --ca (the consortium's ca.crt), or --insecure for a loopback rehearsal")
+    for given, option in ((root_certificates, "--ca"), (auth_key, "--key")):
+        if given is not None and not Path(given).is_file():
+            raise typer.BadParameter(f"{option}: '{given}' does not exist")
+    root_certificates = Path(root_certificates).absolute() if root_certificates else None
+    auth_key = Path(auth_key).absolute() if auth_key else None
+    name = name or str(opened.meta.get("site_name") or Path(store).absolute().name)
     node_config = f'store="{Path(store).absolute()}" site-name="{name}"'
     if min_count:
         node_config += f" min-count={min_count}"
@@ -196,25 +237,39 @@ def site_join(
     os.execvpe(command[0], command, flower_env(home))
 
 
+from server import coordinator as _coordinator  # noqa: E402
+
+coordinator_app.command("start")(_coordinator.start)
+coordinator_app.command("register")(_coordinator.register)
+coordinator_app.command("sites")(_coordinator.sites)
+
+
 @coordinator_app.command("run")
 def coordinator_run(
     study: Path = typer.Option(..., "--study"),
     superlink: str = typer.Option(..., "--superlink", help="SuperLink address host:port."),
     out: Path = typer.Option(..., "--out", help="Run directory."),
     sites: int = typer.Option(0, "--sites", help="Sites to wait for (default: the study's)."),
-    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates"),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", "--ca",
+                                                     help="The consortium's CA certificate, ca.crt (TLS)."),
     insecure: bool = typer.Option(False, "--insecure"),
 ):
     """Submit a study to a running SuperLink and follow it (`flwr run --stream`)."""
     from server.local import prepare_run_dir, submit, write_connection
 
     if not insecure and root_certificates is None:
-        raise typer.BadParameter("give --root-certificates (TLS), or --insecure for a loopback rehearsal")
+        raise typer.BadParameter("give --ca (the consortium's ca.crt), or --insecure for a loopback rehearsal")
     out = out.absolute()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     run_config = prepare_run_dir(out, study, expected_sites=sites)
     home = out / "flwr" / "cli"
-    write_connection(home, superlink, insecure=insecure, root_certificates=root_certificates)
-    results = submit(out, run_config, home, lambda line: console.print(line, markup=False, highlight=False))
+    # flwr reads the certificate path from config.toml and refuses a relative one
+    write_connection(home, superlink, insecure=insecure,
+                     root_certificates=Path(root_certificates).absolute() if root_certificates else None)
+    try:
+        results = submit(out, run_config, home, lambda line: console.print(line, markup=False, highlight=False))
+    except FedradError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2)
     print_results(results, out)
     raise typer.Exit(0 if results["status"] == "completed" else 1)

@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/extraction.py
 	$(BIN)/python bench/federation.py
 	$(BIN)/python bench/models.py
+	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/cnn.py
 
 clean:

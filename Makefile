@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(BIN)/fedrad demo --out $(DEMO)
 
 # loadfile: a test file's federation (SuperLink + SuperNodes) serves all its tests on one worker. Two workers on
-# two cores: four were slower (the CNN and Flower processes compete), though CPU is ~13 of 18 min with two.
+# two cores: four were slower (the CNN and Flower processes compete); three took 31.5 min against 29.7 with two
+# (2026-12-03, load average 13 with three).
 # Debian packages the tests drive for real: chromium (the dashboard, through playwright; no browser
 # download) and nginx (the proxy in deploy/). Installed only when missing.
 $(SYSTEM): $(STAMP)

@@ -92,7 +92,7 @@ def _study_settings(run_dir: Path) -> dict:
     from common.study import STAGES, StudyInfo
 
     try:
-        data = tomllib.loads((run_dir / STUDY).read_text())
+        data = tomllib.loads((run_dir / STUDY).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError):
         data = {}
     stages = data.get("study", {}).get("stages", list(StudyInfo().stages))

@@ -53,7 +53,25 @@ class RunLog:
         self._db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(values.values()))
 
     def start_run(self, study: str) -> None:
+        self._close_abandoned_runs()
         self._insert("runs", run_id=self.run_id, study=study, started=time.time(), status="running")
+
+    def _close_abandoned_runs(self) -> None:
+        """A run whose ServerApp died with its SuperLink (SIGKILL, power cut) never wrote its end. The
+        next run in the same directory marks it interrupted, so that no run, stage or reply stays
+        'running' or 'pending' for ever in `fedrad status` and the dashboard."""
+        abandoned = [row[0] for row in self._db.execute(
+            "SELECT run_id FROM runs WHERE status='running' AND run_id != ?", (self.run_id,))]
+        if not abandoned:
+            return
+        now, detail = time.time(), f"no end was recorded; run {self.run_id} started in this run directory"
+        for run_id in abandoned:
+            self._db.execute("UPDATE runs SET ended=?, status='interrupted', detail=? WHERE run_id=?",
+                             (now, detail, run_id))
+            self._db.execute("UPDATE stages SET ended=?, status='interrupted', detail=? "
+                             "WHERE run_id=? AND status='running'", (now, detail, run_id))
+            self._db.execute("UPDATE exchanges SET status='failed', reason=? WHERE run_id=? AND status='pending'",
+                             (f"no reply before the run ended ({detail})", run_id))
 
     def end_run(self, status: str, detail: str = "") -> None:
         self._db.execute("UPDATE runs SET ended=?, status=?, detail=? WHERE run_id=?",

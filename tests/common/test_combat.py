@@ -18,9 +18,7 @@ from common.combat import (
     combine_combat_moments,
     design_matrix,
     site_combat_moments,
-    update_combat_estimates,
     update_combat_fit,
-    combine_combat_residuals,
     site_combat_residuals,
 )
 from tests.oracles import neurocombat

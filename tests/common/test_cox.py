@@ -10,7 +10,6 @@ and ``sksurv.linear_model.CoxPHSurvivalAnalysis(ties="breslow", tol=1e-12)``.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from lifelines import CoxPHFitter
 from scipy.optimize import approx_fprime

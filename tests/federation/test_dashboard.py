@@ -210,7 +210,7 @@ def test_dashboard_follows_a_running_study_in_headless_chromium(tmp_path):
         assert page.locator('#refusals tr[data-site="siteB"]').count() == 1
 
         report = page.request.get(server.url + "report")
-        assert report.status == 200 and report.text() == (run_dir / "report.html").read_text()
+        assert report.status == 200 and report.text() == (run_dir / "report.html").read_text(encoding="utf-8")
         browser.close()
 
 

@@ -1,5 +1,5 @@
 """Failures between hospitals, on real processes: a SuperNode killed mid-stage (and coming back),
-a SuperLink restarted mid-study, a store that changes between stages, a site that falls silent.
+a SuperLink restarted mid-study, a store that changes between stages, a site that hangs.
 
 Each test runs its own SuperLink and SuperNodes (server/local.py) and breaks one of them while a
 study runs in a thread; the results are checked against the pooled references, not just for
@@ -22,7 +22,7 @@ from lifelines import CoxPHFitter
 from client.ledger import read_ledger
 from client.table_import import prepare_from_table
 from server.local import FederationError, LocalFederation
-from server.runlog import read_runlog
+from server.runlog import RUNLOG, RunLog, read_runlog
 from tests.conftest import TEST_DATA
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import write_study
@@ -177,12 +177,11 @@ def test_changed_store_is_refused_and_a_silent_site_times_out(tmp_path, cohort):
         runner, outcome = _in_thread(fed, study, run_dir)
         _wait_for(run_dir, "SELECT COUNT(*) FROM stages WHERE stage='census' AND status='done'", 1)
         _reprepare_without_one_case(table, stores["siteA"], tmp_path)  # siteA re-runs `fedrad prepare`
-        silent = fed.processes["site-siteB"]
-        os.killpg(silent.pid, signal.SIGSTOP)  # siteB hangs: no reply, no error, no heartbeat
+        stalled = _stall_store(stores["siteB"])  # siteB hangs: no reply, no error, its SuperNode still heartbeats
         try:
             runner.join(timeout=300)
         finally:
-            os.killpg(silent.pid, signal.SIGCONT)
+            _release(stalled)
     results = outcome["results"]
     assert results["status"] == "completed", results.get("error")
     left_out = results["select"]["left_out"]
@@ -194,6 +193,43 @@ def test_changed_store_is_refused_and_a_silent_site_times_out(tmp_path, cohort):
     ledger = read_ledger(stores["siteA"])
     refusal = ledger.query("stage == 'select'")
     assert refusal["status"].tolist() == ["refused"] and "changed since this run's census" in refusal["reason"].iloc[0]
+
+
+def _stall_store(store) -> str:
+    """Put siteB's features.parquet behind a FIFO nobody writes, as on a stalled network mount: the
+    site's ClientApp blocks reading it while its SuperNode stays connected and heartbeats, so Flower
+    reports nothing and only the coordinator's round timeout can end the wait."""
+    features = os.path.join(store, "features.parquet")
+    os.replace(features, features + ".kept")
+    os.mkfifo(features)
+    return features
+
+
+def _release(fifo: str) -> None:
+    """Let the blocked reader go (it reads end-of-file), so no process outlives the test."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader left
+        pass
+
+
+def test_a_run_that_never_recorded_its_end_is_closed_by_the_next(tmp_path):
+    """The ServerApp of a run can die with its SuperLink before it writes anything: the next run in
+    the same directory marks it interrupted (stage and pending replies too)."""
+    first = RunLog(tmp_path / RUNLOG, run_id=1)
+    first.start_run("faults")
+    first.start_stage("census")
+    first.end_stage("census", "done", 1)
+    first.start_stage("fit")
+    first.pending("fit", 1, "query.model_summaries", {"siteA": 11}, {"siteA": 100})
+    first.close()
+    RunLog(tmp_path / RUNLOG, run_id=2).start_run("faults")
+    log = read_runlog(tmp_path)
+    assert log["runs"].set_index("run_id")["status"].to_dict() == {"1": "interrupted", "2": "running"}
+    assert log["runs"].set_index("run_id")["detail"]["1"] == "no end was recorded; run 2 started in this run directory"
+    assert log["stages"].set_index("stage")["status"].to_dict() == {"census": "done", "fit": "interrupted"}
+    exchange = log["exchanges"].iloc[0]
+    assert exchange["status"] == "failed" and exchange["reason"].startswith("no reply before the run ended")
 
 
 def _reprepare_without_one_case(table: pd.DataFrame, store, tmp_path) -> None:

@@ -28,10 +28,17 @@ demo: $(STAMP)
 # (2026-12-03, load average 13 with three).
 # Debian packages the tests drive for real: chromium (the dashboard, through playwright; no browser
 # download) and nginx (the proxy in deploy/). Installed only when missing.
+# kubectl renders deploy/k8s (kustomize), openssl and ssh-keygen make the consortium's credentials. Only the missing
+# ones: a kubectl from another package (google-cloud-sdk's) would conflict with Debian's kubernetes-client.
 $(SYSTEM): $(STAMP)
-	command -v chromium >/dev/null && command -v nginx >/dev/null || \
-	  { export DEBIAN_FRONTEND=noninteractive; $(SUDO) apt-get install -y -q chromium nginx-light || \
-	    { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium nginx-light; }; }
+	missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v ssh-keygen >/dev/null || missing="$$missing openssh-client"; \
+	[ -z "$$missing" ] || { export DEBIAN_FRONTEND=noninteractive; $(SUDO) apt-get install -y -q $$missing || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; }; }
 	touch $(SYSTEM)
 
 test: $(STAMP) $(SYSTEM)

@@ -214,7 +214,7 @@ class LocalFederation:
         """Stop the SuperLink (by default as a crash would) and start it again on the same port and
         database: runs, nodes and messages persist, and the SuperNodes reconnect by themselves."""
         proc = self.processes["superlink"]
-        self._signal(proc, sig)
+        signal_group(proc.pid, sig)
         proc.wait()
         self.start_superlink()
 
@@ -262,36 +262,43 @@ class LocalFederation:
 
     def stop_site(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Stop one site's SuperNode (a site going down mid-study)."""
-        self._signal(self.processes[f"site-{name}"], sig)
+        signal_group(self.processes[f"site-{name}"].pid, sig)
 
     def close(self) -> None:
-        # Flower starts flower-superexec in a session of its own, so signalling our process groups
-        # misses it and the ServerApp it runs: collect every descendant first and stop those too.
-        stragglers = [pid for proc in self.processes.values() for pid in descendants(proc.pid)]
-        for proc in self.processes.values():
-            self._signal(proc, signal.SIGTERM)
-        for pid in stragglers:
-            _kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
-                proc.wait()
-        while stragglers and time.monotonic() < deadline:
-            stragglers = [pid for pid in stragglers if _alive(pid)]
-            time.sleep(0.1)
-        for pid in stragglers:
-            _kill(pid, signal.SIGKILL)
+        stop_processes(self.processes.values())
         self.processes.clear()
 
-    @staticmethod
-    def _signal(proc: subprocess.Popen, sig: int) -> None:
+
+def stop_processes(processes, grace_s: float = 15) -> None:
+    """SIGTERM Flower processes we started, then SIGKILL what is left after ``grace_s``. Flower starts
+    flower-superexec in a session of its own, so signalling our process groups misses it and the
+    ServerApp it runs: every descendant is collected first and stopped too."""
+    processes = list(processes)
+    stragglers = [pid for proc in processes for pid in descendants(proc.pid)]
+    for proc in processes:
+        signal_group(proc.pid, signal.SIGTERM)
+    for pid in stragglers:
+        signal_process(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in processes:
         try:
-            os.killpg(proc.pid, sig)  # the process and its flower-superexec / app children
-        except ProcessLookupError:
-            pass
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+    while stragglers and time.monotonic() < deadline:
+        stragglers = [pid for pid in stragglers if _alive(pid)]
+        time.sleep(0.1)
+    for pid in stragglers:
+        signal_process(pid, signal.SIGKILL)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal a process group we started (start_new_session) unless it has already gone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def descendants(pid: int) -> list[int]:
@@ -323,7 +330,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill(pid: int, sig: int) -> None:
+def signal_process(pid: int, sig: int) -> None:
+    """Signal a process unless it has already gone."""
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

@@ -20,8 +20,9 @@ SCRIPT = DEPLOY / "make-credentials.sh"
 FEDRAD = str(Path(sys.executable).parent / "fedrad")
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()),
                                       None)
-needs_tools = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
-                                 reason="needs openssl and ssh-keygen")
+assert shutil.which("openssl") and shutil.which("ssh-keygen") and shutil.which("kubectl"), \
+    "needs openssl, ssh-keygen and kubectl: `make test` installs them (apt-get install openssl openssh-client " \
+    "kubernetes-client)"
 
 
 def make_credentials(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -42,7 +43,6 @@ def credentials(tmp_path_factory) -> Path:
     return out
 
 
-@needs_tools
 def test_credentials_layout_modes_and_names(credentials):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
@@ -67,7 +67,6 @@ def test_credentials_layout_modes_and_names(credentials):
         assert (c / "sites" / site / f"{site}.pub").read_text().split()[-1] == site  # the comment names the site
 
 
-@needs_tools
 def test_credentials_rerun_keeps_the_ca_and_site_keys(tmp_path):
     out = tmp_path / "c"
     assert make_credentials(out, "--host", "a.example.org", "--site", "siteA").returncode == 0
@@ -94,7 +93,6 @@ def test_credentials_rerun_keeps_the_ca_and_site_keys(tmp_path):
                    capture_output=True)
 
 
-@needs_tools
 @pytest.mark.parametrize("args, message", [
     (["--site", "bad name"], "site name 'bad name'"),
     (["--host", "a b"], "host 'a b'"),
@@ -112,7 +110,6 @@ def render(template: str, **values) -> str:
     return template
 
 
-@needs_tools
 def test_nginx_template_is_accepted_by_nginx(credentials, tmp_path):
     template = (DEPLOY / "nginx" / "fedrad-superlink.conf").read_text()
     placeholders = set(re.findall(r"\$\{(FEDRAD_[A-Z_]+)\}", template))
@@ -154,7 +151,6 @@ def test_k8s_manifests():
     assert {v["name"] for v in pod["volumes"]} == {"credentials", "nginx-template", "data"}
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (kustomize)")
 def test_k8s_kustomization_renders(tmp_path):
     shutil.copytree(DEPLOY / "k8s", tmp_path / "k8s")
     (tmp_path / "k8s" / "credentials").mkdir()

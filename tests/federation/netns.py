@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from server.local import signal_group, signal_process
+
 __all__ = ["Testbed", "NetnsError", "unavailable", "COORDINATOR"]
 
 #: the coordinator's address, reachable from every spoke
@@ -147,7 +149,7 @@ class Testbed:
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self._kill_group(proc, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.communicate()
             self.processes.remove(proc)
             raise
@@ -176,9 +178,9 @@ class Testbed:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for proc in self.processes:
                 if proc.poll() is None:
-                    self._kill_group(proc, sig)
+                    signal_group(proc.pid, sig)
             for pid in self.pids():
-                _kill(pid, sig)
+                signal_process(pid, sig)
             deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5)
             while time.monotonic() < deadline:
                 for proc in self.processes:
@@ -198,17 +200,3 @@ class Testbed:
         self._created.clear()
         if errors:
             raise NetnsError("could not delete namespace(s): " + "; ".join(errors))
-
-    @staticmethod
-    def _kill_group(proc: subprocess.Popen, sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

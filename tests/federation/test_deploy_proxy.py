@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.local import descendants, free_port
+from server.local import free_port, stop_processes
 from tests.conftest import ROOT
 from tests.federation.cohort import hospital_rows, write_stores
 
@@ -133,36 +132,7 @@ class Coordinator:
                                            "--key", key, "--store", self.stores[site], "--port", port])
 
     def close(self) -> None:
-        # flower-superexec starts in a session of its own: collect every descendant before signalling.
-        stragglers = [pid for proc in self.processes.values() for pid in descendants(proc.pid)]
-        for proc in self.processes.values():
-            _signal_group(proc.pid, signal.SIGTERM)
-        for pid in stragglers:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
-        time.sleep(0.5)
-        for pid in stragglers:
-            _signal(pid, signal.SIGKILL)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+        stop_processes(self.processes.values(), grace_s=20)
 
 
 @pytest.fixture(scope="module")

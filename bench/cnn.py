@@ -1,7 +1,7 @@
 """The CNN stage in one process: throughput, federated vs pooled C-index, bytes per round.
 
-On a synthetic cohort (``client.synth.generate_cohort``; one phase), the MONAI datasets are
-built straight from the sites' manifests (``client.cnn_task.case_dataset``, no Flower) and
+On a synthetic cohort (``fedrad.client.synth.generate_cohort``; one phase), the MONAI datasets are
+built straight from the sites' manifests (``fedrad.client.cnn_task.case_dataset``, no Flower) and
 each case is transformed once and kept in memory (no training augmentation). Measured:
 
 1. throughput of ResNet-18 in 2D and 3D: preprocessing (NIfTI → tensor) cases/s, training
@@ -9,11 +9,11 @@ each case is transformed once and kept in memory (no training augmentation). Mea
    excluded) and inference cases/s;
 2. FedAvg vs pooled after equal epochs: FedAvg with the coordinator's math (Flower's
    ``aggregate_arrayrecords`` over the sites' weights weighted by ``num-examples``, each site
-   one local epoch of ``client.cnn_task.train_epochs`` per round, R rounds) vs the same
+   one local epoch of ``fedrad.client.cnn_task.train_epochs`` per round, R rounds) vs the same
    initial network trained on all training cases for R epochs; Harrell's C of the DL-score on
    the held-out last site and on the training cases;
 3. bytes a site exchanges per round: the serialised reply (weights + metrics) and request
-   (plan + weights) exactly as the ledger sizes them (``common.messages.payload_bytes``;
+   (plan + weights) exactly as the ledger sizes them (``fedrad.common.messages.payload_bytes``;
    weights in float32, as the stage sends them) for ResNet-18 and DenseNet-121, 2D and 3D.
 
 Uses CUDA when present. Prints; asserts nothing. Usage:
@@ -39,12 +39,12 @@ from flwr.app import MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords  # noqa: E402
 from monai.data import DataLoader  # noqa: E402
 
-from client.cnn_task import (LargestMaskSliced, build_network, case_dataset, cox_loss, device, predict,  # noqa: E402
+from fedrad.client.cnn_task import (LargestMaskSliced, build_network, case_dataset, cox_loss, device, predict,  # noqa: E402
                              train_epochs)
-from client.synth import generate_cohort  # noqa: E402
-from common.messages import payload_bytes, record_arrays, weights_record, weights_request  # noqa: E402
-from common.study import parse_study  # noqa: E402
-from common.survival_metrics import harrell_c  # noqa: E402
+from fedrad.client.synth import generate_cohort  # noqa: E402
+from fedrad.common.messages import payload_bytes, record_arrays, weights_record, weights_request  # noqa: E402
+from fedrad.common.study import parse_study  # noqa: E402
+from fedrad.common.survival_metrics import harrell_c  # noqa: E402
 
 PHASES = ["venous"]
 

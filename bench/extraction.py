@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from client.extraction import default_params_path
-from client.prepare import prepare_from_manifest
-from client.synth import generate_cohort
+from fedrad.client.extraction import default_params_path
+from fedrad.client.prepare import prepare_from_manifest
+from fedrad.client.synth import generate_cohort
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' cohor
 
 from neuroCombat import neuroCombat  # noqa: E402
 
-from server.local import LocalFederation  # noqa: E402
+from fedrad.server.local import LocalFederation  # noqa: E402
 from tests.federation.cohort import hospital_rows, write_stores  # noqa: E402
 
 STUDY = '[study]\nname = "bench"\n[harmonise]\nbatch = "site"\n[federation]\nmin_sites = 2\n'

@@ -27,9 +27,9 @@ from lifelines import CoxPHFitter  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sksurv.datasets import load_gbsg2  # noqa: E402
 
-from client.table_import import prepare_from_table  # noqa: E402
-from common.cox import FederatedCoxnetCV  # noqa: E402
-from server.local import LocalFederation  # noqa: E402
+from fedrad.client.table_import import prepare_from_table  # noqa: E402
+from fedrad.common.cox import FederatedCoxnetCV  # noqa: E402
+from fedrad.server.local import LocalFederation  # noqa: E402
 
 COLUMNS = ["age", "estrec", "pnodes", "progrec", "tsize"]
 FEATURES = "[" + ", ".join(f'"table__{c}"' for c in COLUMNS) + "]"

@@ -1,6 +1,6 @@
 """Load: the harmonise stage and a Cox fit with 3, 10 and 30 SuperNodes on one machine.
 
-One SuperLink and N SuperNodes on loopback (`server.local.LocalFederation`), small stores
+One SuperLink and N SuperNodes on loopback (`fedrad.server.local.LocalFederation`), small stores
 (``--cases`` per site, ``--features`` radiomics-like columns, batch = site), one study:
 census, harmonise (ComBat + z-scoring), fit (one Cox model stratified by site, 3 features).
 The study waits for all N sites. While it runs, a thread samples every 0.25 s the RSS
@@ -51,8 +51,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' cohort builder
 
-from server.local import LocalFederation  # noqa: E402
-from server.runlog import read_runlog  # noqa: E402
+from fedrad.server.local import LocalFederation  # noqa: E402
+from fedrad.server.runlog import read_runlog  # noqa: E402
 from tests.federation.cohort import hospital_rows, write_stores  # noqa: E402
 
 STUDY = """
@@ -218,7 +218,7 @@ def import_cost(repeats: int = 3) -> tuple[float, float]:
     process imports (the CPU figure does not depend on the machine's load; the wall one does)."""
     import resource
 
-    code = "from flwr.supernode.cli import flwr_clientapp; import client.site_app"
+    code = "from flwr.supernode.cli import flwr_clientapp; import fedrad.client.site_app"
     walls, cpus = [], []
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -393,7 +393,7 @@ def main() -> None:
         if isinstance(error, str) and error:
             print(f"{n} sites, {state} state, failed: {error}")
     print(f"fixed cost of one flwr-clientapp process: {cost_cpu:.2f} CPU s, {cost_wall:.2f} s wall (a fresh "
-          "interpreter importing flwr.supernode.cli and client.site_app, median of 3, measured before the "
+          "interpreter importing flwr.supernode.cli and fedrad.client.site_app, median of 3, measured before the "
           "federations started); work_cpu_s = app_cpu_s minus this: the site's work on one message (the sampler "
           "misses up to 0.25 s of a process's last CPU, so values near 0 come out negative); app_s runs to the "
           "process's exit, which can come after its reply has arrived (negative after_app_s)")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from client import imaging
-from client.store import AUTO_MASKS
-from common import schemas
-from common.errors import CaseError, ManifestError
+from fedrad.client import imaging
+from fedrad.client.store import AUTO_MASKS
+from fedrad.common import schemas
+from fedrad.common.errors import CaseError, ManifestError
 
 __all__ = ["AutoMasks", "segment_missing", "MANIFEST_USED"]
 
@@ -69,7 +69,7 @@ def segment_missing(frame: pd.DataFrame, base_dir: Path, store: Path, model_path
     images and masks), plus the ids marked automatic and the cases that failed (left out of
     the returned frame, so each is quarantined once, with the segmentation's reason).
     """
-    from client.segmentation import read_model, segment_image, segmenter_with
+    from fedrad.client.segmentation import read_model, segment_image, segmenter_with
 
     weights, meta = read_model(model_path)
     settings = meta["settings"]

@@ -1,25 +1,37 @@
-"""The `fedrad` command: one entry point with a subcommand per job."""
+"""The hospital's commands of `fedrad`: synth, prepare, validate, ledger, site join.
+
+They need nothing of the coordinator's code; the coordinator's root command (`fedrad.server.cli`)
+mounts them beside its own."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="Federated radiomics: build and validate prognosis models across hospitals.")
+                  help="Commands a hospital runs on its own data.")
 # Logs (CI, `make demo > log`) are not terminals; give tables room rather than rich's 80 columns.
 console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
 
 #: `fedrad prepare` exit status when the store was written but some cases were quarantined
 #: or some manifest columns were left out (0: every case accepted).
 EXIT_QUARANTINED = 3
+
+
+def table_of(frame: pd.DataFrame, title: str) -> Table:
+    table = Table(*[str(c) for c in frame.columns], title=title)
+    for row in frame.itertuples(index=False):
+        table.add_row(*("" if v is None or (isinstance(v, float) and v != v) else str(v) for v in row))
+    return table
 
 
 def _split(text: Optional[str]) -> list[str]:
@@ -38,7 +50,7 @@ def synth(
                                           help="Share of patients with a second delineation (ICC)."),
 ):
     """Write a synthetic multi-centre sarcoma CT cohort with known ground truth."""
-    from client.synth import generate_cohort
+    from fedrad.client.synth import generate_cohort
 
     grid = tuple(int(v) for v in _split(shape))
     if len(grid) != 3:
@@ -71,8 +83,8 @@ def prepare(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Check every case and build the site's feature store (exit 3 if any case was quarantined)."""
-    from client.prepare import prepare_from_manifest
-    from client.table_import import prepare_from_table
+    from fedrad.client.prepare import prepare_from_manifest
+    from fedrad.client.table_import import prepare_from_table
 
     if (manifest is None) == (table is None):
         raise typer.BadParameter("give exactly one of --manifest or --table")
@@ -118,58 +130,95 @@ def _print_report(report) -> None:
 
 
 @app.command()
-def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out"),
-    sites: int = typer.Option(4, "--sites", min=1, help="The last site is the held-out validation site (3 or more)."),
-    patients: int = typer.Option(60, "--patients", min=5),
-    seed: int = typer.Option(0, "--seed"),
-    jobs: Optional[int] = typer.Option(None, "--jobs", min=1),
-    full_params: bool = typer.Option(False, "--full-params", help="Extract with default.yaml (original+LoG+wavelet)."),
-):
-    """The embedded default: synthesise a cohort, prepare every site, run the whole study on a local federation."""
-    from client.demo import run_demo
-
-    try:
-        run_demo(out, n_sites=sites, n_patients=patients, seed=seed, jobs=jobs, full_params=full_params,
-                 console=console)
-    except FedradError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
-
-
-@app.command()
 def validate(
     package: Path = typer.Option(..., "--package", help="A model package (RUN_DIR/package of a finished study)."),
     store: Path = typer.Option(..., "--store", help="This hospital's feature store (`fedrad prepare`)."),
     out: Path = typer.Option(Path("validation-out"), "--out"),
 ):
     """Validate a finished model package on this hospital's store, offline: harmonise, score, metrics."""
-    from client.validate import metrics_table, validate as run_validation
-    from server.cli import table_of
+    from fedrad.client.validate import metrics_table, validate as run_validation
 
     try:
         report = run_validation(package, store, out)
     except FedradError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
-    from server.report import write_validation_report
+    from fedrad.server.report import write_validation_report
 
     console.print(table_of(metrics_table(report), f"validation of study '{report['study']}' on {store}"))
     console.print(f"per-case predictions: {out / 'predictions.csv'} (they stay here); metrics: {out / 'metrics.json'}")
     console.print(f"report: {write_validation_report(out, report)}")
 
 
-# Federation commands live with the coordinator code; one `fedrad` command serves both roles.
-from server import cli as _server_cli  # noqa: E402
-
-app.command("local")(_server_cli.local)
-app.command("status")(_server_cli.status)
-app.command("dashboard")(_server_cli.dashboard)
-app.command("ledger")(_server_cli.ledger)
-app.command("package")(_server_cli.package)
-app.add_typer(_server_cli.site_app, name="site")
-app.add_typer(_server_cli.coordinator_app, name="coordinator")
+def _read_or_exit(read, path: Path):
+    """``read(path)``, or a one-line error and exit status 2 for a missing or damaged file."""
+    try:
+        return read(path)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
 
 
-if __name__ == "__main__":
-    sys.exit(app())
+@app.command()
+def ledger(store: Path = typer.Argument(..., help="A site's feature store.")):
+    """Print a site's egress ledger: every message that left the site, with totals."""
+    from fedrad.client.ledger import read_ledger
+
+    entries = _read_or_exit(read_ledger, store)
+    if entries["dp_epsilon"].isna().all():  # the column only for a site that trained with DP-SGD
+        entries = entries.drop(columns=["dp_epsilon"])
+    console.print(table_of(entries, f"egress ledger of {store}"))
+    totals = entries.groupby(["run", "stage", "status"], as_index=False).agg(messages=("bytes", "size"),
+                                                                           bytes=("bytes", "sum"))
+    console.print(table_of(totals, "totals"))
+    console.print(f"{len(entries)} message(s), {int(entries['bytes'].sum()) if len(entries) else 0} bytes in all")
+
+
+site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs to take part in a consortium.")
+
+@site_app.command("join")
+def site_join(
+    store: Path = typer.Option(..., "--store", help="This site's feature store (from `fedrad prepare`)."),
+    superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, host:port."),
+    name: Optional[str] = typer.Option(None, "--name", help="This site's name in the consortium (default: "
+                                                            "the store's site name, else its folder's name)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--ca", "--root-certificates",
+                                                     help="The consortium's CA certificate, ca.crt (TLS)."),
+    auth_key: Optional[Path] = typer.Option(None, "--key", "--auth-key",
+                                            help="This site's private key, SITE.key (SuperNode authentication)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS (loopback rehearsals only)."),
+    port: int = typer.Option(9094, "--port", help="Local port of the SuperNode's own API."),
+    min_count: Optional[int] = typer.Option(None, "--min-count", help="This site's minimum, if above the study's."),
+    allow_event_times: bool = typer.Option(False, "--allow-event-times",
+                                           help="Consent to share this site's event times (unstratified Cox)."),
+):
+    """Join a consortium: run flower-supernode with this site's store (replaces this process)."""
+    from fedrad.client.store import open_store
+    from fedrad.client.flower_process import flower_bin, flower_env
+
+    try:
+        opened = open_store(store)  # refuse a missing or broken store before connecting
+    except FedradError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    if not insecure and root_certificates is None:
+        raise typer.BadParameter("give --ca (the consortium's ca.crt), or --insecure for a loopback rehearsal")
+    for given, option in ((root_certificates, "--ca"), (auth_key, "--key")):
+        if given is not None and not Path(given).is_file():
+            raise typer.BadParameter(f"{option}: '{given}' does not exist")
+    root_certificates = Path(root_certificates).absolute() if root_certificates else None
+    auth_key = Path(auth_key).absolute() if auth_key else None
+    name = name or str(opened.meta.get("site_name") or Path(store).absolute().name)
+    node_config = f'store="{Path(store).absolute()}" site-name="{name}"'
+    if min_count:
+        node_config += f" min-count={min_count}"
+    if allow_event_times:
+        node_config += " allow-event-times=true"
+    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config",
+               node_config]
+    command += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
+    if auth_key:
+        command += ["--auth-supernode-private-key", str(auth_key)]
+    console.print("starting: " + " ".join(command), markup=False)
+    home = Path(store).absolute() / ".flwr"
+    os.execvpe(command[0], command, flower_env(home))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["save_gradcam", "gradcam_maps", "target_layer_of"]
 
@@ -79,7 +79,7 @@ class _Explainer:
     so the caller's network is not touched), on CUDA when present."""
 
     def __init__(self, net: torch.nn.Module, layer: str):
-        from client.cnn_task import device
+        from fedrad.client.cnn_task import device
 
         self.device = device()
         self.layer = layer
@@ -139,7 +139,7 @@ def _figure(path: Path, image: np.ndarray, mask: np.ndarray, raises: np.ndarray,
 
 def save_gradcam(net: torch.nn.Module, dataset, folder: Path, n_cases: int, *, dims: int,
                  target_layer: str | None = None) -> list[Path]:
-    """Grad-CAM of the first ``n_cases`` items of ``dataset`` (``client.cnn_task.case_dataset`` items:
+    """Grad-CAM of the first ``n_cases`` items of ``dataset`` (``fedrad.client.cnn_task.case_dataset`` items:
     ``image``, ``mask``, ``patient_id``; build it with ``train=False``) written into ``folder``: for each case
     ``<id>_gradcam.npy`` (the usual map, regions raising the score, the image's spatial shape, in [0, 1]) and
     ``<id>_gradcam.png`` (first phase, slice of largest mask area in 3D, mask contour, maps of what raises and

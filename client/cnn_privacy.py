@@ -44,11 +44,10 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from client.cnn_task import _batch_loss, device
-from common.errors import FedradError
+from fedrad.client.cnn_task import _batch_loss, _require_compatible, device, dp_compatible
+from fedrad.common.errors import FedradError
 
 __all__ = ["dp_compatible", "guarantee", "planned_steps", "PrivateTraining", "train_epochs_private", "epsilon_for",
            "epsilon_after", "check_budget", "load_history", "record_steps", "epsilon_spent", "ACCOUNTANT_FILE",
@@ -59,28 +58,6 @@ PER_SAMPLE = "per-sample"
 BATCH_COUPLED = "batch-coupled (Cox)"
 
 Entry = tuple[float, float, int]  # (noise multiplier σ, sample rate q, steps): RDPAccountant's history item
-
-
-def dp_compatible(net: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``net`` with every layer Opacus cannot clip per case replaced (BatchNorm -> GroupNorm).
-
-    The replacement is deterministic (GroupNorm starts at weight 1, bias 0, and keeps BatchNorm's
-    weight/bias names), so the coordinator and the sites get the same tensors; BatchNorm's running
-    statistics disappear from the state dict. In-place activations are turned off: they would overwrite
-    the outputs Opacus' backward hooks capture (autograd refuses)."""
-    fixed = ModuleValidator.fix(net)
-    for module in fixed.modules():
-        if getattr(module, "inplace", None) is True:
-            module.inplace = False
-    _require_compatible(fixed)
-    return fixed
-
-
-def _require_compatible(net: torch.nn.Module) -> None:
-    errors = ModuleValidator.validate(net, strict=False)
-    if errors:
-        raise FedradError(f"the network has {len(errors)} layer(s) DP-SGD cannot train (e.g. {str(errors[0])[:120]}); "
-                          "build it with build_network(..., dp=True) on the coordinator and at every site")
 
 
 def guarantee(endpoint: str) -> str:

@@ -22,7 +22,7 @@ from monai.transforms import (Compose, ConcatItemsd, CropForegroundd, DeleteItem
                               MapTransform, Orientationd, RandFlipd, RandGaussianNoised, ResizeWithPadOrCropd,
                               ScaleIntensityRanged, Spacingd)
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["case_transforms", "case_dataset", "build_network", "network_for", "uses_dp", "cox_loss", "train_epochs", "predict",
            "deep_features", "device", "ARCHITECTURES"]
@@ -103,10 +103,34 @@ def build_network(architecture: str = "resnet18", *, spatial_dims: int = 3, in_c
     else:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     if dp or norm == "group":
-        from client.cnn_privacy import dp_compatible
-
         net = dp_compatible(net)
     return net
+
+
+def dp_compatible(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net`` with every layer Opacus cannot clip per case replaced (BatchNorm -> GroupNorm).
+
+    The replacement is deterministic (GroupNorm starts at weight 1, bias 0, and keeps BatchNorm's
+    weight/bias names), so the coordinator and the sites get the same tensors; BatchNorm's running
+    statistics disappear from the state dict. In-place activations are turned off: they would overwrite
+    the outputs Opacus' backward hooks capture (autograd refuses)."""
+    from opacus.validators import ModuleValidator
+
+    fixed = ModuleValidator.fix(net)
+    for module in fixed.modules():
+        if getattr(module, "inplace", None) is True:
+            module.inplace = False
+    _require_compatible(fixed)
+    return fixed
+
+
+def _require_compatible(net: torch.nn.Module) -> None:
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(net, strict=False)
+    if errors:
+        raise FedradError(f"the network has {len(errors)} layer(s) DP-SGD cannot train (e.g. {str(errors[0])[:120]}); "
+                          "build it with build_network(..., dp=True) on the coordinator and at every site")
 
 
 def network_for(cnn: dict) -> torch.nn.Module:

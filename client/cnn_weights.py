@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["load_pretrained", "read_weights"]
 

@@ -1,6 +1,6 @@
 """pyradiomics feature extraction for one case, every phase, with a time split.
 
-The case is read once, checked (`client.imaging`), then for each phase pyradiomics'
+The case is read once, checked (`fedrad.client.imaging`), then for each phase pyradiomics'
 own ``loadImage`` (normalise, resample, crop) runs, followed by ``execute`` on the
 pre-processed pair with pre-processing switched off. That is exactly what
 ``RadiomicsFeatureExtractor.execute`` does in one call, split so that the read /
@@ -22,10 +22,10 @@ import radiomics
 import yaml
 from radiomics import featureextractor
 
-from client import imaging
-from client.manifest import Case
-from common import schemas
-from common.errors import CaseError, ParamsError
+from fedrad.client import imaging
+from fedrad.client.manifest import Case
+from fedrad.common import schemas
+from fedrad.common.errors import CaseError, ParamsError
 
 radiomics.logger.setLevel(logging.ERROR)
 

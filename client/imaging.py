@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from common.errors import CaseError
+from fedrad.common.errors import CaseError
 
 #: Geometry tolerances (mm for spacing/origin, unitless for direction cosines).
 SPACING_TOL = 1e-4

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from flwr.app import RecordDict
 
-from common.messages import payload_bytes
+from fedrad.common.messages import payload_bytes
 
 LEDGER = "egress.jsonl"
 

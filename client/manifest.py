@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import schemas
-from common.errors import CaseError, ManifestError
+from fedrad.common import schemas
+from fedrad.common.errors import CaseError, ManifestError
 
 #: Cell texts that mean "missing" in hospital exports; they never become values.
 MISSING = {"", "na", "n/a", "nan", "null", "none", "missing", "-", "?"}
@@ -127,7 +127,7 @@ def check_manifest(
 def iter_rows(frame: pd.DataFrame, required_clinical=()):
     """Yield (patient_id, row, problems) with the checks every case source shares.
 
-    ``frame`` holds text cells under the canonical column names (`common.schemas`).
+    ``frame`` holds text cells under the canonical column names (`fedrad.common.schemas`).
     Checked: empty or duplicate patient_id, time, event, required clinical values.
     """
     ids = frame[schemas.ID].str.strip()

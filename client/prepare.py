@@ -4,7 +4,7 @@ Cases run in parallel worker processes with a progress bar. A case that fails an
 check is quarantined with the reason and the rest go on; a finished case is cached
 under a hash of its input files and settings, so an interrupted run resumes and a
 re-run only redoes what changed. With ``segment`` (a federated segmentation model), rows
-without a mask get one from the model first (`client.auto_segment`); the store marks those
+without a mask get one from the model first (`fedrad.client.auto_segment`); the store marks those
 cases ``mask_source = "automatic"``.
 """
 
@@ -23,10 +23,10 @@ import radiomics
 import SimpleITK as sitk
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from client import extraction, imaging, store
-from client.manifest import Case, check_manifest, read_manifest
-from common import schemas
-from common.errors import CaseError
+from fedrad.client import extraction, imaging, store
+from fedrad.client.manifest import Case, check_manifest, read_manifest
+from fedrad.common import schemas
+from fedrad.common.errors import CaseError
 
 
 @dataclass
@@ -158,7 +158,7 @@ def prepare_from_manifest(
 def _segment_missing(frame, manifest: Path, out: Path, model: Path, show_progress: bool):
     """Automatic masks for rows without one; the manifest as used is kept in the store (later stages
     read images and masks through it)."""
-    from client.auto_segment import MANIFEST_USED, segment_missing
+    from fedrad.client.auto_segment import MANIFEST_USED, segment_missing
 
     out.mkdir(parents=True, exist_ok=True)
     with _progress(show_progress) as progress:

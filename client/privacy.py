@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 from flwr.app import RecordDict
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["Disclosure", "PrivacyRefusal", "check_reply", "scrub"]
 

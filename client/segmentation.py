@@ -37,10 +37,10 @@ from monai.metrics import DiceMetric
 from monai.transforms import (Compose, MapTransform, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
                               RandScaleIntensityd, ScaleIntensityRanged, SpatialPadd)
 
-from client import imaging
-from client.cnn_task import device
-from common.errors import CaseError, FedradError
-from common.messages import weights_id
+from fedrad.client import imaging
+from fedrad.client.cnn_task import device
+from fedrad.common.errors import CaseError, FedradError
+from fedrad.common.messages import weights_id
 
 __all__ = ["build_segmenter", "seg_dataset", "seg_transforms", "train_epochs", "dice_on", "dice_per_case",
            "predict_mask", "segment_image", "resample_case", "check_box", "segmenter_with", "write_model",

@@ -18,22 +18,22 @@ from pathlib import Path
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.ledger import append_entry
-from client.privacy import PrivacyRefusal, check_reply, scrub
-from client.site_census import census_reply
-from client.site_data import site_log
-from client.site_select import select_sums_reply
-from client.site_cnn import scores_reply, train_reply
-from client.site_seg import dice_reply as seg_dice_reply, train_reply as seg_train_reply
-from client.site_evaluate import calibration_newton_reply, metrics_reply, thresholds_reply
-from client.site_fit import baseline_reply, event_times_reply, model_summaries_reply, risk_sets_reply
-from client.site_harmonise import adjust_reply, moments_reply, residuals_reply, validate_reply, zscore_reply
-from client.store import open_store
-from client.store_guard import check_unchanged, remember_census
-from common import schemas
-from common.errors import FedradError
-from common.messages import CENSUS, PRIVACY_REFUSED, SITE_FAILED, STAGE_OF, record_arrays, request_plan
-from common.study import parse_study
+from fedrad.client.ledger import append_entry
+from fedrad.client.privacy import PrivacyRefusal, check_reply, scrub
+from fedrad.client.site_census import census_reply
+from fedrad.client.site_data import site_log
+from fedrad.client.site_select import select_sums_reply
+from fedrad.client.site_cnn import scores_reply, train_reply
+from fedrad.client.site_seg import dice_reply as seg_dice_reply, train_reply as seg_train_reply
+from fedrad.client.site_evaluate import calibration_newton_reply, metrics_reply, thresholds_reply
+from fedrad.client.site_fit import baseline_reply, event_times_reply, model_summaries_reply, risk_sets_reply
+from fedrad.client.site_harmonise import adjust_reply, moments_reply, residuals_reply, validate_reply, zscore_reply
+from fedrad.client.store import open_store
+from fedrad.client.store_guard import check_unchanged, remember_census
+from fedrad.common import schemas
+from fedrad.common.errors import FedradError
+from fedrad.common.messages import CENSUS, PRIVACY_REFUSED, SITE_FAILED, STAGE_OF, record_arrays, request_plan
+from fedrad.common.study import parse_study
 
 app = ClientApp()
 

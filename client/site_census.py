@@ -11,14 +11,14 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-import common
-from client.privacy import Disclosure
-from client.site_data import HARMONISED_META, batch_labels, site_log
-from client.store import FeatureStore, PARAMS
-from client.store_guard import features_sha256
-from common import schemas
-from common.errors import StoreError
-from common.study import Study, select_features
+from fedrad import common
+from fedrad.client.privacy import Disclosure
+from fedrad.client.site_data import HARMONISED_META, batch_labels, site_log
+from fedrad.client.store import FeatureStore, PARAMS
+from fedrad.client.store_guard import features_sha256
+from fedrad.common import schemas
+from fedrad.common.errors import StoreError
+from fedrad.common.study import Study, select_features
 
 
 def census_reply(store: FeatureStore, study: Study, site: str, min_count: int) -> tuple[RecordDict, Disclosure]:

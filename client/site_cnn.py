@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 from flwr.app import MetricRecord, RecordDict
 
-from client.privacy import Disclosure
-from client.site_data import site_log, write_deep_features
-from client.site_fit import SCORES
-from client.store import FeatureStore
-from common import schemas
-from common.errors import StoreError
-from common.messages import weights_record
+from fedrad.client.privacy import Disclosure
+from fedrad.client.site_data import site_log, write_deep_features
+from fedrad.client.site_fit import SCORES
+from fedrad.client.store import FeatureStore
+from fedrad.common import schemas
+from fedrad.common.errors import StoreError
+from fedrad.common.messages import weights_record
 
 GRADCAM = "gradcam"
 
@@ -35,7 +35,7 @@ GRADCAM = "gradcam"
 def site_cases(store: FeatureStore, cnn: dict, *, train: bool = False, part: str = "all"):
     """The store's cases as a MONAI dataset (phases, mask, outcome) from the manifest it was prepared from;
     ``part`` "training" or "validation" takes one side of the site-local split (`validation_ids`)."""
-    from client.cnn_task import case_dataset
+    from fedrad.client.cnn_task import case_dataset
 
     manifest_path = Path(str(store.meta.get("manifest") or ""))
     if not manifest_path.is_file():
@@ -55,7 +55,7 @@ def site_cases(store: FeatureStore, cnn: dict, *, train: bool = False, part: str
 def validation_ids(ids: list[str], cnn: dict) -> set[str]:
     """The site-local validation split: the share of cases with the smallest hashes of their ids, so every
     round (a fresh process each time) holds out the same cases."""
-    from common.splits import held_out_share
+    from fedrad.common.splits import held_out_share
 
     return held_out_share(ids, cnn["validation_fraction"], cnn["seed"])
 
@@ -63,7 +63,7 @@ def validation_ids(ids: list[str], cnn: dict) -> set[str]:
 def network_with(cnn: dict, arrays: dict):
     import torch
 
-    from client.cnn_task import network_for
+    from fedrad.client.cnn_task import network_for
 
     net = network_for(cnn)
     state = net.state_dict()
@@ -86,8 +86,8 @@ def validation_figures(net, dataset, endpoint: str) -> dict[str, float]:
     """Loss (risk sets over the whole split) and Harrell's C of ``net`` on the site's validation cases."""
     import torch
 
-    from client.cnn_task import cox_loss, predict
-    from common.survival_metrics import harrell_c
+    from fedrad.client.cnn_task import cox_loss, predict
+    from fedrad.common.survival_metrics import harrell_c
 
     scores = predict(net, dataset)
     risk, event = torch.tensor(scores["dl_score"].to_numpy()), torch.tensor(scores["event"].to_numpy())
@@ -116,7 +116,7 @@ def _held_out_figures(store: FeatureStore, cnn: dict, net, min_count: int) -> tu
 
 def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, min_count: int = 1,
                 run_id: int = 0) -> tuple[RecordDict, Disclosure]:
-    from client.cnn_task import train_epochs, uses_dp
+    from fedrad.client.cnn_task import train_epochs, uses_dp
 
     cnn = plan["study"]["cnn"]
     net = network_with(cnn, arrays)
@@ -145,7 +145,7 @@ def _train_private(store: FeatureStore, cnn: dict, net, dataset, run_id: int) ->
     """One round of DP-SGD. The site checks its own budget before training and records the steps in its
     accountant before the weights leave; it reports ε spent and ε after one more such round (so the
     coordinator can stop before any site would pass the budget)."""
-    from client.cnn_privacy import check_budget, epsilon_after, epsilon_for, load_history, planned_steps, \
+    from fedrad.client.cnn_privacy import check_budget, epsilon_after, epsilon_for, load_history, planned_steps, \
         record_steps, train_epochs_private
 
     dp = cnn["privacy"]
@@ -167,7 +167,7 @@ def write_cnn_outputs(store: FeatureStore, cnn: dict, arrays: dict, weights_id: 
     """Score every case of the store with the network: ``dl_score`` into STORE/scores.parquet (other scores
     kept) and the deep features into STORE/deep_features.parquet, tagged with the network's id. Returns the
     scores (with outcome), the dataset and the network."""
-    from client.cnn_task import deep_features, predict
+    from fedrad.client.cnn_task import deep_features, predict
 
     dataset, manifest = site_cases(store, cnn)
     net = network_with(cnn, arrays)
@@ -186,7 +186,7 @@ def write_cnn_outputs(store: FeatureStore, cnn: dict, arrays: dict, weights_id: 
 
 def save_site_gradcam(store: FeatureStore, cnn: dict, net, dataset) -> list[Path]:
     """Grad-CAM maps of the first ``gradcam_cases`` cases, into ``STORE/gradcam/`` for the site's own review."""
-    from client.cnn_explain import save_gradcam
+    from fedrad.client.cnn_explain import save_gradcam
 
     paths = save_gradcam(net, dataset, store.path / GRADCAM, cnn.get("gradcam_cases", 0), dims=cnn["dims"])
     if paths:
@@ -195,7 +195,7 @@ def save_site_gradcam(store: FeatureStore, cnn: dict, net, dataset) -> list[Path
 
 
 def scores_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
-    from common.survival_metrics import harrell_c
+    from fedrad.common.survival_metrics import harrell_c
 
     cnn = plan["study"]["cnn"]
     scores, dataset, net = write_cnn_outputs(store, cnn, arrays, plan["weights_id"])

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client.store import FEATURES, _atomic
-from common import schemas
-from common.errors import StoreError
-from common.combat import DesignSpec, design_matrix
-from common.study import SITE_BATCH
+from fedrad.client.store import FEATURES, _atomic
+from fedrad.common import schemas
+from fedrad.common.errors import StoreError
+from fedrad.common.combat import DesignSpec, design_matrix
+from fedrad.common.study import SITE_BATCH
 
 HARMONISED = "harmonised.parquet"
 STANDARDISED = "standardised.parquet"

@@ -16,17 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import RecordDict
 
-from client.privacy import Disclosure
-from client.site_data import site_log
-from client.site_fit import model_inputs
-from client.store import FeatureStore
-from common.calibration import hosmer_lemeshow, site_calibration_sums, slope_design
-from common.decision import site_decision_counts
-from common.discrimination import delong_auc, site_auc_counts, site_concordance_counts
-from common.logistic import site_logistic_newton
-from common.messages import EVALUATION_SCALARS, arrays_record
-from common.newton import ConvergenceError, RankDeficientError, newton_fit
-from common.survival_curves import risk_groups, site_risk_table
+from fedrad.client.privacy import Disclosure
+from fedrad.client.site_data import site_log
+from fedrad.client.site_fit import model_inputs
+from fedrad.client.store import FeatureStore
+from fedrad.common.calibration import hosmer_lemeshow, site_calibration_sums, slope_design
+from fedrad.common.decision import site_decision_counts
+from fedrad.common.discrimination import delong_auc, site_auc_counts, site_concordance_counts
+from fedrad.common.logistic import site_logistic_newton
+from fedrad.common.messages import EVALUATION_SCALARS, arrays_record
+from fedrad.common.newton import ConvergenceError, RankDeficientError, newton_fit
+from fedrad.common.survival_curves import risk_groups, site_risk_table
 
 SITE_SCALARS = EVALUATION_SCALARS
 
@@ -82,7 +82,7 @@ def thresholds_reply(store: FeatureStore, plan: dict, site: str) -> tuple[Record
 
 
 def _bootstrap(plan, n, statistic):
-    from common.survival_metrics import bootstrap_ci
+    from fedrad.common.survival_metrics import bootstrap_ci
 
     if not plan["bootstrap"]:
         return float("nan"), float("nan")
@@ -99,7 +99,7 @@ def _site_calibration(y, risk) -> tuple[float, float]:
 
 
 def _survival_scalars(s: Scored, plan: dict, model: dict, out: dict) -> dict:
-    from common.survival_metrics import brier_scores, harrell_c, time_dependent_auc, uno_c
+    from fedrad.common.survival_metrics import brier_scores, harrell_c, time_dependent_auc, uno_c
 
     horizons = np.asarray(plan["horizons"], dtype=float)
     scalars = {"c_index": harrell_c(s.time, s.event, s.lp)}

@@ -14,17 +14,17 @@ import numpy as np
 import pandas as pd
 from flwr.app import RecordDict
 
-from client.privacy import Disclosure
-from client.site_data import HARMONISED, HARMONISED_META, STANDARDISED, site_log, with_deep_features
+from fedrad.client.privacy import Disclosure
+from fedrad.client.site_data import HARMONISED, HARMONISED_META, STANDARDISED, site_log, with_deep_features
 
 #: per-case scores written at the site by other fedrad stages (the CNN's DL score): id + one column per score
 SCORES = "scores.parquet"
-from client.store import FEATURES, FeatureStore
-from common import schemas
-from common.cox import site_cox_baseline, site_cox_event_times, site_cox_newton, site_cox_risk_sets
-from common.errors import FedradError, StoreError
-from common.messages import arrays_record
-from common.penalised import site_fold_ids
+from fedrad.client.store import FEATURES, FeatureStore
+from fedrad.common import schemas
+from fedrad.common.cox import site_cox_baseline, site_cox_event_times, site_cox_newton, site_cox_risk_sets
+from fedrad.common.errors import FedradError, StoreError
+from fedrad.common.messages import arrays_record
+from fedrad.common.penalised import site_fold_ids
 
 
 def model_table(store: FeatureStore, plan: dict) -> pd.DataFrame:
@@ -134,7 +134,7 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
         x = X[np.ix_(rows, columns)]
         if model["kind"] == "cox":
             return site_cox_newton(x, outcome[0][rows], outcome[1][rows], beta, ties=model["ties"])
-        from common.logistic import site_logistic_newton  # scikit-learn costs ~1 s per message: only when needed
+        from fedrad.common.logistic import site_logistic_newton  # scikit-learn costs ~1 s per message: only when needed
 
         return site_logistic_newton(x, outcome[0][rows], beta)
 

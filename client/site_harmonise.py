@@ -12,16 +12,16 @@ import numpy as np
 import pandas as pd
 from flwr.app import MetricRecord, RecordDict
 
-from client.privacy import Disclosure
-from client.site_data import (HARMONISED, STANDARDISED, harmonise_columns, harmonise_inputs, read_harmonised_meta,
+from fedrad.client.privacy import Disclosure
+from fedrad.client.site_data import (HARMONISED, STANDARDISED, harmonise_columns, harmonise_inputs, read_harmonised_meta,
                               site_log, write_feature_table, write_harmonised_meta)
-from client.store import FeatureStore
-from common import schemas
-from common.errors import StoreError
-from common.combat import (CombatFit, design_matrix, estimates_from_arrays, site_combat_adjust, site_combat_moments,
+from fedrad.client.store import FeatureStore
+from fedrad.common import schemas
+from fedrad.common.errors import StoreError
+from fedrad.common.combat import (CombatFit, design_matrix, estimates_from_arrays, site_combat_adjust, site_combat_moments,
                            site_combat_new_batch, site_combat_residuals)
-from common.messages import arrays_record
-from common.zscore import ZScale, site_zscore_apply, site_zscore_moments
+from fedrad.common.messages import arrays_record
+from fedrad.common.zscore import ZScale, site_zscore_apply, site_zscore_moments
 
 
 def _features_axis(disclosure: Disclosure, y) -> Disclosure:
@@ -96,7 +96,7 @@ def validate_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run
     A batch level the training sites had (a shared scanner model) uses the reference's γ*, δ*;
     a level they never had (batch = site, or a new scanner) gets its own γ*, δ* estimated here
     against the reference's grand mean, pooled variance and covariate effects
-    (:func:`common.combat.site_combat_new_batch`). Then the reference z-scores apply.
+    (:func:`fedrad.common.combat.site_combat_new_batch`). Then the reference z-scores apply.
     """
     table = store.features
     features = plan["features"]

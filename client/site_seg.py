@@ -9,7 +9,7 @@ on every delineated case: it trained nothing).
 Only cases delineated by hand train or measure the model: a mask the model itself drew
 (``mask_source`` "automatic" in the store) would teach it its own mistakes. Images and masks
 are found through the manifest the store was prepared from. The split is the site's own,
-fixed by a hash of the case ids (`common.splits.held_out`), so it is the same every round.
+fixed by a hash of the case ids (`fedrad.common.splits.held_out`), so it is the same every round.
 
 A Dice is a mean over held-out cases; from fewer than ``min_count`` cases it is withheld (sent
 as NaN) and the site log says so, as for any other aggregate. Per-case Dice values go to the
@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 from flwr.app import MetricRecord, RecordDict
 
-from client.privacy import Disclosure
-from client.site_data import site_log
-from client.store import MASK_SOURCE, FeatureStore
-from common import schemas
-from common.errors import FedradError, StoreError
-from common.messages import weights_record
-from common.splits import held_out
+from fedrad.client.privacy import Disclosure
+from fedrad.client.site_data import site_log
+from fedrad.client.store import MASK_SOURCE, FeatureStore
+from fedrad.common import schemas
+from fedrad.common.errors import FedradError, StoreError
+from fedrad.common.messages import weights_record
+from fedrad.common.splits import held_out
 
 PARTS = ("training", "held_out", "all")
 
@@ -69,7 +69,7 @@ def split_cases(items: list[dict], settings: dict, part: str) -> list[dict]:
 
 def segmenter_with(settings: dict, arrays: dict):
     """The study's SegResNet carrying the coordinator's weights (float32 on the wire, as the network holds them)."""
-    from client.segmentation import segmenter_with as build
+    from fedrad.client.segmentation import segmenter_with as build
 
     try:
         return build(settings, arrays)
@@ -80,7 +80,7 @@ def segmenter_with(settings: dict, arrays: dict):
 def held_out_dice(store: FeatureStore, settings: dict, net, cases: list[dict], min_count: int,
                   what: str) -> tuple[float, dict]:
     """(mean Dice, privacy groups) of ``net`` on ``cases``; NaN and no group below ``min_count`` cases."""
-    from client.segmentation import dice_per_case, seg_dataset
+    from fedrad.client.segmentation import dice_per_case, seg_dataset
 
     n = len(cases)
     if n < min_count:
@@ -104,7 +104,7 @@ def _disclosure(store: FeatureStore, n_cases: int, weights: dict | None, groups:
 
 def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
                 min_count: int = 1) -> tuple[RecordDict, Disclosure]:
-    from client.segmentation import seg_dataset, train_epochs
+    from fedrad.client.segmentation import seg_dataset, train_epochs
 
     settings = plan["study"]["segment"]
     round_no = int(plan["round"])

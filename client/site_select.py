@@ -11,15 +11,15 @@ import numpy as np
 import pandas as pd
 from flwr.app import MetricRecord, RecordDict
 
-from client.privacy import Disclosure
-from client.site_fit import model_table
-from client.store import FeatureStore
-from common import schemas
-from common.correlation import site_correlation
-from common.errors import StoreError
-from common.icc import site_icc
-from common.messages import arrays_record
-from common.screen import site_cox_screen, site_logistic_screen
+from fedrad.client.privacy import Disclosure
+from fedrad.client.site_fit import model_table
+from fedrad.client.store import FeatureStore
+from fedrad.common import schemas
+from fedrad.common.correlation import site_correlation
+from fedrad.common.errors import StoreError
+from fedrad.common.icc import site_icc
+from fedrad.common.messages import arrays_record
+from fedrad.common.screen import site_cox_screen, site_logistic_screen
 
 
 def select_sums_reply(store: FeatureStore, plan: dict, min_count: int) -> tuple[RecordDict, Disclosure]:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import schemas
-from common.errors import CaseError, StoreError
+from fedrad.common import schemas
+from fedrad.common.errors import CaseError, StoreError
 
 FORMAT = 1
 FEATURES = "features.parquet"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from client.store import FEATURES
-from common.errors import FedradError
+from fedrad.client.store import FEATURES
+from fedrad.common.errors import FedradError
 
 CENSUS_DIR = "census"
 

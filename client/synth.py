@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from rich.progress import Progress
 from scipy import ndimage
 
-from common import schemas
+from fedrad.common import schemas
 
 PHASES = ("arterial", "venous", "delayed")
 #: Tumour enhancement over native HU per phase, scaled by the patient's vascularity.

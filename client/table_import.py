@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client import extraction, store
-from client.manifest import iter_rows, outcome_values
-from client.prepare import PrepareReport
-from common import schemas
-from common.errors import CaseError, ManifestError
+from fedrad.client import extraction, store
+from fedrad.client.manifest import iter_rows, outcome_values
+from fedrad.client.prepare import PrepareReport
+from fedrad.common import schemas
+from fedrad.common.errors import CaseError, ManifestError
 
 
 def prepare_from_table(

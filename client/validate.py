@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client.site_cnn import write_cnn_outputs
-from client.site_evaluate import metrics_reply, score_model
-from client.site_harmonise import validate_reply
-from client.store import FEATURES, META, PARAMS as STORE_PARAMS, QUARANTINE, open_store
-from common import schemas
-from common.evaluation import site_metrics
-from common.messages import record_arrays
-from common.package import PackageError, read_package
+from fedrad.client.site_cnn import write_cnn_outputs
+from fedrad.client.site_evaluate import metrics_reply, score_model
+from fedrad.client.site_harmonise import validate_reply
+from fedrad.client.store import FEATURES, META, PARAMS as STORE_PARAMS, QUARANTINE, open_store
+from fedrad.common import schemas
+from fedrad.common.evaluation import site_metrics
+from fedrad.common.messages import record_arrays
+from fedrad.common.package import PackageError, read_package
 
 SITE = "validation"
 

@@ -4,7 +4,7 @@ Bins are fixed by the coordinator (e.g. the training cohort's risk deciles), so 
 counts add up across sites and the pooled calibration curve and Hosmer–Lemeshow statistic
 are exact. Calibration-in-the-large comes from Σy and Σp; the calibration slope is the
 logistic regression of y on logit(p) (intercept + slope), fitted by the same federated
-Newton as every logistic model (:func:`common.logistic.site_logistic_newton` on the design
+Newton as every logistic model (:func:`fedrad.common.logistic.site_logistic_newton` on the design
 ``[1, logit p]``).
 """
 

@@ -2,7 +2,7 @@
 
 Reference: ``numpy.corrcoef`` on the pooled rows (the ddof cancels). Each site sends its count,
 its mean (p,) and its centred cross-product matrix M = Σ(x - x̄)(x - x̄)ᵀ (p, p); the coordinator
-pools them with the matrix form of Chan et al.'s update, as :mod:`common.zscore` does for the
+pools them with the matrix form of Chan et al.'s update, as :mod:`fedrad.common.zscore` does for the
 variances, so no Σxxᵀ - n x̄x̄ᵀ cancels for large feature values. One round trip; p(p + 1)/2 + p + 1
 numbers per site (M is symmetric; the dataclass keeps it whole).
 
@@ -16,7 +16,7 @@ the first pick is the most relevant feature, and each later pick maximises
 over the features not yet selected (S: those already selected). Relevance and redundancy must be
 on one scale: :func:`relevance_from_statistic` turns a score-screen χ²₁ statistic into
 ``sqrt(χ² / n)``, which for the logistic screen (n = cases) is exactly |r(x_j, y)|, the absolute
-point-biserial correlation with the outcome (see :mod:`common.screen`); for the Cox screen use
+point-biserial correlation with the outcome (see :mod:`fedrad.common.screen`); for the Cox screen use
 n = events, a correlation-like effect size. Ties go to the lower feature index.
 
 References
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["CorrelationInputError", "CrossProducts", "site_correlation", "combine_correlation",
            "update_correlation", "relevance_from_statistic", "mrmr"]
@@ -109,7 +109,7 @@ def relevance_from_statistic(statistic, n: int) -> np.ndarray:
     Parameters
     ----------
     statistic : (n_features,)
-        χ²₁ score statistics (:class:`common.screen.ScreenResult`).
+        χ²₁ score statistics (:class:`fedrad.common.screen.ScreenResult`).
     n : int
         Cases for the logistic screen (then exactly |r(x_j, y)|); events for the Cox screen.
     """

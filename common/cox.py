@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.errors import FedradError
-from common.newton import (ConvergenceWarning, NewtonSummary, combine_newton, start_newton, update_newton,
+from fedrad.common.errors import FedradError
+from fedrad.common.newton import (ConvergenceWarning, NewtonSummary, combine_newton, start_newton, update_newton,
                            wald_table)
 
 __all__ = ["RiskSetSums", "site_cox_event_times", "combine_cox_event_times", "site_cox_risk_sets",
@@ -187,7 +187,7 @@ class FederatedCoxPH:
         exact, at the price of disclosing each site's event times.
     ridge : float, default 0
         Penalty ½·ridge·|β|² (lifelines' ``penalizer`` with l1_ratio=0 uses the same form).
-    tol, max_iter : Newton stopping rule and limit (see ``common.newton``).
+    tol, max_iter : Newton stopping rule and limit (see ``fedrad.common.newton``).
 
     Attributes
     ----------
@@ -266,7 +266,7 @@ class FederatedCoxPH:
 
 
 class FederatedCoxnetCV:
-    """Elastic-net Cox path with site-local K-fold cross-validation (see :mod:`common.penalised`).
+    """Elastic-net Cox path with site-local K-fold cross-validation (see :mod:`fedrad.common.penalised`).
 
     Parameters
     ----------
@@ -297,7 +297,7 @@ class FederatedCoxnetCV:
         self.tol = tol
 
     def fit(self, X, y, *, site=None):
-        from common.penalised import Penalty, PathSummary, path_choice, run_path, site_fold_ids
+        from fedrad.common.penalised import Penalty, PathSummary, path_choice, run_path, site_fold_ids
 
         X, event, time, names, groups = FederatedCoxPH(ties=self.ties)._check(X, y, site)
         self.feature_names_in_ = np.array(names, dtype=object)

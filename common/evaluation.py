@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.messages import EVALUATION_SCALARS
-from common.survival_curves import RiskTable, kaplan_meier, logrank_test
+from fedrad.common.messages import EVALUATION_SCALARS
+from fedrad.common.survival_curves import RiskTable, kaplan_meier, logrank_test
 
 __all__ = ["site_metrics", "binary_metrics", "logrank_p", "clean", "scalars", "nan_to_none", "roc_points",
            "calibration_points", "delong_pair_tests", "site_delong_tests"]

@@ -30,7 +30,7 @@ Conventions:
 What a site sends, per feature: its number of cases, its per-measurement means (k, p), and its own
 ``SS_R`` and ``SS_E`` about its own means. That is the same information as the raw sums
 Σ case totals, Σ squared case totals, per-measurement totals and Σx², but pooled with the two-way
-form of Chan et al.'s update (as :mod:`common.zscore` does for variances), so no large
+form of Chan et al.'s update (as :mod:`fedrad.common.zscore` does for variances), so no large
 Σx² - n·mean² cancels when feature values are large with a small spread. One round trip.
 
 References
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["IccInputError", "IccSums", "IccAnova", "site_icc", "combine_icc", "icc_anova", "update_icc", "ICC_KINDS"]
 

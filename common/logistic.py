@@ -62,8 +62,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import roc_auc_score
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 
-from common.errors import FedradError
-from common.newton import (
+from fedrad.common.errors import FedradError
+from fedrad.common.newton import (
     ConvergenceError,
     ConvergenceWarning,
     NewtonState,
@@ -478,7 +478,7 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
 
 
 class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator):
-    """Elastic-net logistic path with site-local K-fold cross-validation (see :mod:`common.penalised`).
+    """Elastic-net logistic path with site-local K-fold cross-validation (see :mod:`fedrad.common.penalised`).
 
     For each ``alpha`` on the path the coefficients minimise (glmnet's binomial scaling)
 
@@ -599,7 +599,7 @@ class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator):
         site : (n_samples,), optional
             Site label of every row (default: one site).
         """
-        from common.penalised import Penalty, PathSummary, path_choice, run_path, site_fold_ids
+        from fedrad.common.penalised import Penalty, PathSummary, path_choice, run_path, site_fold_ids
 
         values, y, events = _checked_inputs(self, X, y)
         n, n_features = values.shape

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import linalg
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["NewtonSummary", "NewtonState", "RankDeficientError", "ConvergenceError", "ConvergenceWarning",
            "combine_newton", "start_newton", "update_newton", "newton_fit", "aliased_columns", "wald_table"]

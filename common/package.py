@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["PACKAGE_FORMAT", "MANIFEST", "PARAMS", "REFERENCE_ARRAYS", "PackageError", "read_package"]
 

@@ -10,7 +10,7 @@ Objective for each penalty λ (glmnet's and scikit-survival ``CoxnetSurvivalAnal
 with ``r = l1_ratio`` and penalty factors ``f_j`` (0 = unpenalised, e.g. an intercept).
 
 Algorithm: proximal Newton. At the current point the sites send ℓ, ∇ℓ and ∇²ℓ (the same
-summary as an unpenalised Newton round, :mod:`common.newton`); the coordinator minimises the
+summary as an unpenalised Newton round, :mod:`fedrad.common.newton`); the coordinator minimises the
 penalised quadratic model exactly by coordinate descent, and the proposal is evaluated in the
 next round (a step that raises the objective is halved towards the best point). Every λ of
 the path and every cross-validation fold runs its own such sequence, **all in the same
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import linalg
 
-from common.newton import ConvergenceError, NewtonSummary
+from fedrad.common.newton import ConvergenceError, NewtonSummary
 
 __all__ = ["Penalty", "PathSummary", "PathState", "penalised_objective", "solve_penalised_quadratic",
            "lambda_max", "lambda_grid", "start_path", "update_path", "unique_points", "cv_choice", "fold_ids", "site_fold_ids", "run_path", "path_choice"]

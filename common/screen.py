@@ -10,12 +10,12 @@ Each feature x_j is tested on its own, at β_j = 0, by the score (Rao, Lagrange-
 both at the null model, so no model is fitted per feature and every site answers for all
 features in one message (one round trip per screen).
 
-* **Cox, stratified by site** (as :class:`common.cox.FederatedCoxPH`'s default): the partial
+* **Cox, stratified by site** (as :class:`fedrad.common.cox.FederatedCoxPH`'s default): the partial
   likelihood is a sum over sites, so ``U_j`` and ``I_j`` are sums of the sites' values, which each
   site computes from its risk sets at β = 0 for all features at once (vectorised; no Newton loop).
-  Ties: Breslow (1974) or Efron (1977), as in :mod:`common.cox`; with no tied event times both are
+  Ties: Breslow (1974) or Efron (1977), as in :mod:`fedrad.common.cox`; with no tied event times both are
   the same, and for a 0/1 feature in one stratum the statistic is then the log-rank statistic.
-  Equals ``grad² / -hess`` of :func:`common.cox.site_cox_newton` at β = 0 for the one-feature
+  Equals ``grad² / -hess`` of :func:`fedrad.common.cox.site_cox_newton` at β = 0 for the one-feature
   model, summed over sites.
 * **Logistic with intercept**: the test of adding x_j to the intercept-only model, whose fit is
   the pooled p̂ = events / n. With pooled sums,
@@ -28,7 +28,7 @@ features in one message (one round trip per screen).
   (the inverse of the β_j entry of the inverse information of (intercept, β_j)), so
   χ²_j = n · r²(x_j, y), n times the squared point-biserial correlation. Sites send n, events,
   mean (p,), Σ(x - x̄_s)² and Σ y (x - x̄_s) about their own means, pooled with Chan et al.'s
-  update (as :mod:`common.zscore`), which is the same information as Σx, Σx², Σyx without the
+  update (as :mod:`fedrad.common.zscore`), which is the same information as Σx, Σx², Σyx without the
   cancellation of Σx² - (Σx)²/n. Equals statsmodels' ``Logit(y, [1, x_j]).score_test`` and, for
   a 0/1 feature, the Pearson χ² of the 2 × 2 table without continuity correction.
 
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["ScreenInputError", "CoxScreenSums", "LogisticScreenSums", "ScreenResult", "site_cox_screen",
            "combine_cox_screen", "update_cox_screen", "site_logistic_screen", "combine_logistic_screen",

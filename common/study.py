@@ -42,7 +42,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
 __all__ = ["Study", "StudyError", "load_study", "parse_study", "select_features", "STAGES", "SITE_BATCH", "SELECTED",
            "model_references"]

@@ -16,9 +16,9 @@ from logging import INFO, WARNING
 
 from flwr.common.logger import log
 
-from common.messages import CENSUS, request
-from common.study import Study
-from server.federation import Federation, StageFailed, StageTraffic
+from fedrad.common.messages import CENSUS, request
+from fedrad.common.study import Study
+from fedrad.server.federation import Federation, StageFailed, StageTraffic
 
 
 def run_census(fed: Federation, study: Study) -> dict:

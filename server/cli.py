@@ -1,27 +1,21 @@
-"""Coordinator and federation commands of `fedrad` (registered on the one `fedrad` app)."""
+"""The `fedrad` command: the coordinator's commands, with the hospital's (`fedrad.client.cli`) mounted beside them."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from common.errors import FedradError
+from fedrad.common.errors import FedradError
 
-console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
+from fedrad.client import cli as site_cli
+from fedrad.client.cli import _read_or_exit, console, table_of
 
-
-def table_of(frame: pd.DataFrame, title: str) -> Table:
-    table = Table(*[str(c) for c in frame.columns], title=title)
-    for row in frame.itertuples(index=False):
-        table.add_row(*("" if v is None or (isinstance(v, float) and v != v) else str(v) for v in row))
-    return table
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Federated radiomics: build and validate prognosis models across hospitals.")
 
 
 def parse_sites(specs: list[str]) -> dict[str, Path]:
@@ -49,13 +43,13 @@ def local(
     """Run a study on a local federation: a real SuperLink and one SuperNode per site, on loopback."""
     from contextlib import nullcontext
 
-    from server.local import LocalFederation
+    from fedrad.server.local import LocalFederation
 
     sites = parse_sites(site)
     echo = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
     try:
         if dashboard:
-            from server.dashboard import dashboard_beside
+            from fedrad.server.dashboard import dashboard_beside
 
             beside = dashboard_beside(out.absolute(), dashboard_port, echo=echo)
         else:
@@ -100,18 +94,9 @@ def print_results(results: dict, run_dir: Path) -> None:
     console.print(f"results: {Path(run_dir) / 'results.json'}; run log: `fedrad status {run_dir}`")
 
 
-def _read_or_exit(read, path: Path):
-    """``read(path)``, or a one-line error and exit status 2 for a missing or damaged file."""
-    try:
-        return read(path)
-    except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
-
-
 def status(run_dir: Path = typer.Argument(..., help="A run directory (holds runlog.sqlite).")):
     """Print a run directory's log: runs, stages, rounds, and each site's exchanges."""
-    from server.runlog import read_runlog
+    from fedrad.server.runlog import read_runlog
 
     log = _read_or_exit(read_runlog, run_dir)
     when = lambda s: pd.to_datetime(s, unit="s").dt.strftime("%H:%M:%S")  # noqa: E731
@@ -141,7 +126,7 @@ def dashboard(
     """Serve a live view of a run: stages, rounds per site, bytes, convergence, privacy events, the report."""
     import uvicorn
 
-    from server.dashboard import create_app
+    from fedrad.server.dashboard import create_app
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] the dashboard has no login; on {host} anyone who can reach port {port} "
@@ -150,28 +135,14 @@ def dashboard(
     uvicorn.run(create_app(run_dir), host=host, port=port, log_level="warning")
 
 
-def ledger(store: Path = typer.Argument(..., help="A site's feature store.")):
-    """Print a site's egress ledger: every message that left the site, with totals."""
-    from client.ledger import read_ledger
-
-    entries = _read_or_exit(read_ledger, store)
-    if entries["dp_epsilon"].isna().all():  # the column only for a site that trained with DP-SGD
-        entries = entries.drop(columns=["dp_epsilon"])
-    console.print(table_of(entries, f"egress ledger of {store}"))
-    totals = entries.groupby(["run", "stage", "status"], as_index=False).agg(messages=("bytes", "size"),
-                                                                           bytes=("bytes", "sum"))
-    console.print(table_of(totals, "totals"))
-    console.print(f"{len(entries)} message(s), {int(entries['bytes'].sum()) if len(entries) else 0} bytes in all")
-
-
 def package(run_dir: Path = typer.Argument(..., help="A finished run directory (results.json, study.toml)."),
             out: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default RUN_DIR/package).")):
     """Build the model package a new site validates with (`fedrad validate`) from a finished run."""
     import json
 
-    from common.errors import FedradError
-    from common.study import load_study
-    from server.package import write_package
+    from fedrad.common.errors import FedradError
+    from fedrad.common.study import load_study
+    from fedrad.server.package import write_package
 
     try:
         results = json.loads((run_dir / "results.json").read_text())
@@ -185,59 +156,9 @@ def package(run_dir: Path = typer.Argument(..., help="A finished run directory (
     console.print(f"model package: {written}")
 
 
-site_app = typer.Typer(no_args_is_help=True, help="Commands a hospital runs to take part in a consortium.")
 coordinator_app = typer.Typer(no_args_is_help=True, help="Commands the coordinator runs.")
 
-
-@site_app.command("join")
-def site_join(
-    store: Path = typer.Option(..., "--store", help="This site's feature store (from `fedrad prepare`)."),
-    superlink: str = typer.Option(..., "--superlink", help="The coordinator's SuperLink, host:port."),
-    name: Optional[str] = typer.Option(None, "--name", help="This site's name in the consortium (default: "
-                                                            "the store's site name, else its folder's name)."),
-    root_certificates: Optional[Path] = typer.Option(None, "--ca", "--root-certificates",
-                                                     help="The consortium's CA certificate, ca.crt (TLS)."),
-    auth_key: Optional[Path] = typer.Option(None, "--key", "--auth-key",
-                                            help="This site's private key, SITE.key (SuperNode authentication)."),
-    insecure: bool = typer.Option(False, "--insecure", help="No TLS (loopback rehearsals only)."),
-    port: int = typer.Option(9094, "--port", help="Local port of the SuperNode's own API."),
-    min_count: Optional[int] = typer.Option(None, "--min-count", help="This site's minimum, if above the study's."),
-    allow_event_times: bool = typer.Option(False, "--allow-event-times",
-                                           help="Consent to share this site's event times (unstratified Cox)."),
-):
-    """Join a consortium: run flower-supernode with this site's store (replaces this process)."""
-    from client.store import open_store
-    from server.local import flower_bin, flower_env
-
-    try:
-        opened = open_store(store)  # refuse a missing or broken store before connecting
-    except FedradError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
-    if not insecure and root_certificates is None:
-        raise typer.BadParameter("give --ca (the consortium's ca.crt), or --insecure for a loopback rehearsal")
-    for given, option in ((root_certificates, "--ca"), (auth_key, "--key")):
-        if given is not None and not Path(given).is_file():
-            raise typer.BadParameter(f"{option}: '{given}' does not exist")
-    root_certificates = Path(root_certificates).absolute() if root_certificates else None
-    auth_key = Path(auth_key).absolute() if auth_key else None
-    name = name or str(opened.meta.get("site_name") or Path(store).absolute().name)
-    node_config = f'store="{Path(store).absolute()}" site-name="{name}"'
-    if min_count:
-        node_config += f" min-count={min_count}"
-    if allow_event_times:
-        node_config += " allow-event-times=true"
-    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config",
-               node_config]
-    command += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
-    if auth_key:
-        command += ["--auth-supernode-private-key", str(auth_key)]
-    console.print("starting: " + " ".join(command), markup=False)
-    home = Path(store).absolute() / ".flwr"
-    os.execvpe(command[0], command, flower_env(home))
-
-
-from server import coordinator as _coordinator  # noqa: E402
+from fedrad.server import coordinator as _coordinator  # noqa: E402
 
 coordinator_app.command("start")(_coordinator.start)
 coordinator_app.command("register")(_coordinator.register)
@@ -255,7 +176,7 @@ def coordinator_run(
     insecure: bool = typer.Option(False, "--insecure"),
 ):
     """Submit a study to a running SuperLink and follow it (`flwr run --stream`)."""
-    from server.local import prepare_run_dir, submit, write_connection
+    from fedrad.server.local import prepare_run_dir, submit, write_connection
 
     if not insecure and root_certificates is None:
         raise typer.BadParameter("give --ca (the consortium's ca.crt), or --insecure for a loopback rehearsal")
@@ -273,3 +194,38 @@ def coordinator_run(
         raise typer.Exit(2)
     print_results(results, out)
     raise typer.Exit(0 if results["status"] == "completed" else 1)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out"),
+    sites: int = typer.Option(4, "--sites", min=1, help="The last site is the held-out validation site (3 or more)."),
+    patients: int = typer.Option(60, "--patients", min=5),
+    seed: int = typer.Option(0, "--seed"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1),
+    full_params: bool = typer.Option(False, "--full-params", help="Extract with default.yaml (original+LoG+wavelet)."),
+):
+    """The embedded default: synthesise a cohort, prepare every site, run the whole study on a local federation."""
+    from fedrad.server.demo import run_demo
+
+    try:
+        run_demo(out, n_sites=sites, n_patients=patients, seed=seed, jobs=jobs, full_params=full_params,
+                 console=console)
+    except FedradError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+
+
+# The hospital's commands, then the coordinator's: one `fedrad` serves both roles.
+for _command in site_cli.app.registered_commands:
+    app.registered_commands.append(_command)
+app.add_typer(site_cli.site_app, name="site")
+app.command("local")(local)
+app.command("status")(status)
+app.command("dashboard")(dashboard)
+app.command("package")(package)
+app.add_typer(coordinator_app, name="coordinator")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

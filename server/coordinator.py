@@ -79,7 +79,7 @@ def start(
     log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the SuperLink's log here (rotated)."),
 ):
     """Start the consortium's SuperLink: TLS, SuperNode authentication, SQLite state (replaces this process)."""
-    from server.local import flower_bin, flower_env
+    from fedrad.client.flower_process import flower_bin, flower_env
 
     ca, cert, key = (_credential(ca, credentials, "ca.crt", "--ca"),
                      _credential(cert, credentials, "superlink.pem", "--cert"),
@@ -107,7 +107,8 @@ def _ca_for_control(ca: Optional[Path], credentials: Optional[Path]) -> Path:
 
 def _flwr(args: list[str], superlink: str, ca: Path) -> dict:
     """Run ``flwr <args> fedrad --format json`` against ``superlink`` from a private FLWR_HOME; its JSON answer."""
-    from server.local import CONNECTION, flower_bin, flower_env, write_connection
+    from fedrad.client.flower_process import flower_bin, flower_env
+    from fedrad.server.local import CONNECTION, write_connection
 
     with tempfile.TemporaryDirectory(prefix="fedrad-flwr-") as home:
         write_connection(Path(home), superlink, insecure=False, root_certificates=ca)

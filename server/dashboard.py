@@ -29,8 +29,8 @@ from collections import defaultdict, deque
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.errors import FedradError
-from server.runlog import RUNLOG
+from fedrad.common.errors import FedradError
+from fedrad.server.runlog import RUNLOG
 
 __all__ = ["create_app", "read_state", "render_live", "line_chart", "DashboardServer", "DashboardError",
            "dashboard_beside"]
@@ -89,7 +89,7 @@ def _read_log(path: Path) -> dict[str, list[dict]] | None:
 
 def _study_settings(run_dir: Path) -> dict:
     """Planned stages, min_count and the ε budget from the run directory's study.toml (defaults if unreadable)."""
-    from common.study import STAGES, StudyInfo
+    from fedrad.common.study import STAGES, StudyInfo
 
     try:
         data = tomllib.loads((run_dir / STUDY).read_text(encoding="utf-8"))

@@ -24,19 +24,19 @@ import numpy as np
 from flwr.common.logger import log
 from scipy import stats
 
-from common.calibration import CalibrationSums, calibration_table, hosmer_lemeshow, in_the_large
-from common.decision import DecisionCounts, net_benefit
-from common.discrimination import PairCounts, combine_pair_counts
-from common.errors import FedradError
-from common.evaluation import (binary_metrics, clean, delong_pair_tests, logrank_p, roc_points, scalars,
+from fedrad.common.calibration import CalibrationSums, calibration_table, hosmer_lemeshow, in_the_large
+from fedrad.common.decision import DecisionCounts, net_benefit
+from fedrad.common.discrimination import PairCounts, combine_pair_counts
+from fedrad.common.errors import FedradError
+from fedrad.common.evaluation import (binary_metrics, clean, delong_pair_tests, logrank_p, roc_points, scalars,
                                site_metrics)
-from common.logistic import update_logistic_newton
-from common.messages import EVALUATE_CALIBRATION, EVALUATE_METRICS, EVALUATE_THRESHOLDS, record_arrays, request
-from common.newton import NewtonSummary, combine_newton, start_newton
-from common.study import Study
-from common.survival_curves import RiskTable, combine_risk_tables, kaplan_meier
-from server.federation import Federation, StageFailed, StageTraffic
-from server.fit import data_mode, study_sites
+from fedrad.common.logistic import update_logistic_newton
+from fedrad.common.messages import EVALUATE_CALIBRATION, EVALUATE_METRICS, EVALUATE_THRESHOLDS, record_arrays, request
+from fedrad.common.newton import NewtonSummary, combine_newton, start_newton
+from fedrad.common.study import Study
+from fedrad.common.survival_curves import RiskTable, combine_risk_tables, kaplan_meier
+from fedrad.server.federation import Federation, StageFailed, StageTraffic
+from fedrad.server.fit import data_mode, study_sites
 
 THRESHOLDS = np.round(np.arange(0.005, 1.0, 0.005), 3)
 DCA_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)

@@ -20,9 +20,9 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.errors import FedradError
-from common.messages import PRIVACY_REFUSED, SITE_FAILED, payload_bytes
-from server.runlog import RunLog
+from fedrad.common.errors import FedradError
+from fedrad.common.messages import PRIVACY_REFUSED, SITE_FAILED, payload_bytes
+from fedrad.server.runlog import RunLog
 
 #: seconds between pulls for replies (Flower's own loop sleeps 3 s).
 PULL_INTERVAL_S = 0.5
@@ -154,7 +154,7 @@ def fedavg_round(fed: "Federation", stage: str, message_type: str, sites: list[s
     when fewer than ``min_sites`` answer, naming who did not and why."""
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from common.messages import record_arrays, weights_request
+    from fedrad.common.messages import record_arrays, weights_request
 
     outcome = fed.ask(stage, traffic.rounds + 1, message_type,
                       {s: weights_request({**plan, "round": round_no}, weights) for s in sites},

@@ -15,16 +15,16 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
-from common.errors import FedradError
-from common.logistic import SeparationError, update_logistic_newton
-from common.cox import RiskSetSums, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets
-from common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_BASELINE, MODEL_SUMMARIES, record_arrays, request
-from common.newton import (ConvergenceError, NewtonSummary, RankDeficientError, combine_newton, start_newton,
+from fedrad.common.errors import FedradError
+from fedrad.common.logistic import SeparationError, update_logistic_newton
+from fedrad.common.cox import RiskSetSums, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets
+from fedrad.common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_BASELINE, MODEL_SUMMARIES, record_arrays, request
+from fedrad.common.newton import (ConvergenceError, NewtonSummary, RankDeficientError, combine_newton, start_newton,
                            update_newton, wald_table)
-from common.nomogram import axis_ranges, build_nomogram
-from common.penalised import Penalty, PathSummary, path_choice, run_path
-from common.study import SELECTED, Features, Model, Study, select_features
-from server.federation import Federation, StageFailed, StageTraffic
+from fedrad.common.nomogram import axis_ranges, build_nomogram
+from fedrad.common.penalised import Penalty, PathSummary, path_choice, run_path
+from fedrad.common.study import SELECTED, Features, Model, Study, select_features
+from fedrad.server.federation import Federation, StageFailed, StageTraffic
 
 MAX_NEWTON_ROUNDS = 50
 
@@ -43,7 +43,7 @@ def run_fit(fed: Federation, study: Study, census: dict, harmonise: dict | None,
     for model in study.models:
         models[model.name] = fit_model(fed, study, census, harmonise, model, traffic, selected, models)
         if model.nomogram and out_dir is not None:
-            from server.nomogram_plot import plot_nomogram  # matplotlib only when a nomogram is asked for
+            from fedrad.server.nomogram_plot import plot_nomogram  # matplotlib only when a nomogram is asked for
 
             path = plot_nomogram(models[model.name], model.name, study.outcome.horizons, out_dir)
             models[model.name]["nomogram"]["plot"] = str(path)

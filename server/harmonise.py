@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 from flwr.common.logger import log
 
-from common.combat import (CombatMoments, CombatResiduals, DesignSpec, combine_combat_moments,
+from fedrad.common.combat import (CombatMoments, CombatResiduals, DesignSpec, combine_combat_moments,
                            combine_combat_residuals, estimates_to_arrays, update_combat_estimates, update_combat_fit)
-from common.messages import (COMBAT_ADJUST, COMBAT_MOMENTS, COMBAT_RESIDUALS, COMBAT_VALIDATE, ZSCORE_APPLY,
+from fedrad.common.messages import (COMBAT_ADJUST, COMBAT_MOMENTS, COMBAT_RESIDUALS, COMBAT_VALIDATE, ZSCORE_APPLY,
                              record_arrays, request)
-from common.study import SITE_BATCH, Study
-from common.zscore import ZMoments, combine_zscore_moments, update_zscore
-from server.federation import Federation, StageFailed, StageTraffic
+from fedrad.common.study import SITE_BATCH, Study
+from fedrad.common.zscore import ZMoments, combine_zscore_moments, update_zscore
+from fedrad.server.federation import Federation, StageFailed, StageTraffic
 
 REFERENCE_NPZ = "harmonisation.npz"
 REFERENCE_JSON = "harmonisation.json"

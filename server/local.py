@@ -28,10 +28,11 @@ from pathlib import Path
 
 import httpx
 
-import common
-from common.errors import FedradError
-from common.study import load_study
-from server.study_app import RESULTS, STUDY
+from fedrad import common
+from fedrad.client.flower_process import flower_bin, flower_env
+from fedrad.common.errors import FedradError
+from fedrad.common.study import load_study
+from fedrad.server.study_app import RESULTS, STUDY
 
 APP_PYPROJECT = """\
 # Written by fedrad: the Flower app of a fedrad study. The code it names comes from the
@@ -43,7 +44,7 @@ build-backend = "hatchling.build"
 [project]
 name = "fedrad-study"
 version = "{version}"
-description = "fedrad study: ServerApp server.study_app, ClientApp client.site_app (fedrad {version})"
+description = "fedrad study: ServerApp fedrad.server.study_app, ClientApp fedrad.client.site_app (fedrad {version})"
 license = "Apache-2.0"
 dependencies = []
 
@@ -51,8 +52,8 @@ dependencies = []
 publisher = "fedrad"
 
 [tool.flwr.app.components]
-serverapp = "server.study_app:app"
-clientapp = "client.site_app:app"
+serverapp = "fedrad.server.study_app:app"
+clientapp = "fedrad.client.site_app:app"
 
 [tool.flwr.app.config]
 run-dir = ""
@@ -61,25 +62,8 @@ expected-sites = 0
 
 CONNECTION = "fedrad"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
-             "PYTHONIOENCODING": "utf-8"}
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment of a Flower process: its own FLWR_HOME, and this venv first on PATH (the
-    SuperLink and SuperNodes start `flower-superexec` and the app processes by name)."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home), "PATH": path}
-
-
 class FederationError(FedradError):
     """A Flower process could not be started or the run could not be submitted."""
-
-
-def flower_bin(name: str) -> str:
-    """A Flower command from the same environment as this Python (the venv's, not PATH's)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 _HANDED_OUT: set[int] = set()

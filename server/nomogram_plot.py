@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from common.nomogram import Axis, Nomogram, linear_predictor_for_survival  # noqa: E402
+from fedrad.common.nomogram import Axis, Nomogram, linear_predictor_for_survival  # noqa: E402
 
 OUTCOME_TICKS = np.array([0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
 

@@ -18,9 +18,9 @@ import shutil
 import time
 from pathlib import Path
 
-import common
-from common.package import CNN_WEIGHTS, MANIFEST, PACKAGE_FORMAT, PARAMS, REFERENCE_ARRAYS, PackageError
-from common.study import Study
+from fedrad import common
+from fedrad.common.package import CNN_WEIGHTS, MANIFEST, PACKAGE_FORMAT, PARAMS, REFERENCE_ARRAYS, PackageError
+from fedrad.common.study import Study
 
 MODEL_KEYS = ("kind", "penalty", "columns", "coefficients", "table", "baseline", "score_sources", "independent",
               "nomogram", "n", "events", "sites")

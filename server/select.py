@@ -16,14 +16,14 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
-from common.correlation import CrossProducts, combine_correlation, mrmr, relevance_from_statistic, update_correlation
-from common.icc import IccSums, combine_icc, update_icc
-from common.messages import SELECT_SUMS, record_arrays, request
-from common.screen import (CoxScreenSums, LogisticScreenSums, bh_fdr, combine_cox_screen, combine_logistic_screen,
+from fedrad.common.correlation import CrossProducts, combine_correlation, mrmr, relevance_from_statistic, update_correlation
+from fedrad.common.icc import IccSums, combine_icc, update_icc
+from fedrad.common.messages import SELECT_SUMS, record_arrays, request
+from fedrad.common.screen import (CoxScreenSums, LogisticScreenSums, bh_fdr, combine_cox_screen, combine_logistic_screen,
                            update_cox_screen, update_logistic_screen)
-from common.study import Features, Study, select_features
-from server.federation import Federation, StageFailed, StageTraffic
-from server.fit import data_mode, study_sites
+from fedrad.common.study import Features, Study, select_features
+from fedrad.server.federation import Federation, StageFailed, StageTraffic
+from fedrad.server.fit import data_mode, study_sites
 
 
 def run_select(fed: Federation, study: Study, census: dict, harmonise: dict | None) -> dict:

@@ -29,15 +29,15 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.errors import FedradError
-from common.study import Study, load_study
-from server.census import roll_call, run_census
-from server.federation import Federation, StageFailed
-from server.evaluate import run_evaluate
-from server.fit import run_fit
-from server.select import run_select
-from server.harmonise import eligible_sites, run_harmonise
-from server.runlog import RunLog
+from fedrad.common.errors import FedradError
+from fedrad.common.study import Study, load_study
+from fedrad.server.census import roll_call, run_census
+from fedrad.server.federation import Federation, StageFailed
+from fedrad.server.evaluate import run_evaluate
+from fedrad.server.fit import run_fit
+from fedrad.server.select import run_select
+from fedrad.server.harmonise import eligible_sites, run_harmonise
+from fedrad.server.runlog import RunLog
 
 RESULTS = "results.json"
 STUDY = "study.toml"
@@ -89,7 +89,7 @@ def main(grid: Grid, context: Context) -> None:
 def _report(run_dir: Path, results: dict) -> None:
     """report.html beside results.json; a failure to draw it is logged, never fatal to the study."""
     try:
-        from server.report import write_report
+        from fedrad.server.report import write_report
 
         log(INFO, "report: %s", write_report(run_dir, results))
     except Exception as exc:  # noqa: BLE001 - the numbers are in results.json whatever happens here
@@ -113,7 +113,7 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
         return _reusable_stage(fed, results, name, body, _input_key(study, census, results))
 
     if "train_seg" in study.study.stages:
-        from server.train_seg import run_train_seg
+        from fedrad.server.train_seg import run_train_seg
 
         results["segmentation"] = stage("train_seg", lambda: run_train_seg(fed, study, census, run_dir))
     if "harmonise" in study.study.stages:
@@ -131,7 +131,7 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
             for level, iterations in harmonise["eb_iterations"].items():
                 runlog.figure("harmonise", f"EB iterations, batch '{level}'", iterations)
     if "train_cnn" in study.study.stages:
-        from server.train_cnn import run_train_cnn
+        from fedrad.server.train_cnn import run_train_cnn
 
         results["cnn"] = stage("train_cnn", lambda: run_train_cnn(fed, study, census, results.get("harmonise"),
                                                                   run_dir))
@@ -152,7 +152,7 @@ def run_study(fed: Federation, study: Study, run_dir: Path, results: dict) -> No
         results["evaluation"] = evaluation["evaluation"]
         results["evaluation_settings"] = evaluation["settings"]
     if "package" in study.study.stages:
-        from server.package import write_package
+        from fedrad.server.package import write_package
 
         results["package"] = str(write_package(run_dir, results, study))
         log(INFO, "package: %s", results["package"])

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from flwr.common.logger import log
 
-from common.schemas import DEEP_PREFIX
-from common.messages import CNN_SCORES, TRAIN_CNN, weights_id, weights_request
-from common.study import Study
-from server.federation import Federation, StageTraffic, case_weighted_mean, fedavg_round, finite_or_none
-from server.fit import study_sites
+from fedrad.common.schemas import DEEP_PREFIX
+from fedrad.common.messages import CNN_SCORES, TRAIN_CNN, weights_id, weights_request
+from fedrad.common.study import Study
+from fedrad.server.federation import Federation, StageTraffic, case_weighted_mean, fedavg_round, finite_or_none
+from fedrad.server.fit import study_sites
 
 WEIGHTS = "weights.npz"
 
@@ -29,12 +29,12 @@ WEIGHTS = "weights.npz"
 def initial_weights(study: Study) -> dict[str, np.ndarray]:
     import torch
 
-    from client.cnn_task import network_for
+    from fedrad.client.cnn_task import network_for
 
     torch.manual_seed(study.cnn.seed)
     net = network_for(study.cnn.model_dump(mode="json"))
     if study.cnn.pretrained:  # a local file at the coordinator (client.cnn_weights: match, inflate, adapt)
-        from client.cnn_weights import load_pretrained
+        from fedrad.client.cnn_weights import load_pretrained
 
         report = load_pretrained(net, study.cnn.pretrained)
         log(INFO, "train_cnn: pretrained %s: %d tensor(s) loaded (%d inflated 2D->3D, %d input channels adapted), "
@@ -48,7 +48,7 @@ def initial_weights(study: Study) -> dict[str, np.ndarray]:
 
 def deep_feature_names(study: Study) -> list[str]:
     """Names of the penultimate layer's outputs, as every site writes them (``deep__cnn_0000`` ...)."""
-    from client.cnn_task import network_for
+    from fedrad.client.cnn_task import network_for
 
     net = network_for(study.cnn.model_dump(mode="json"))
     head = net.fc if hasattr(net, "fc") else net.class_layers.out
@@ -92,7 +92,7 @@ def _privacy_summary(study: Study, history: list[dict], budget_stop: str | None)
     dp = study.cnn.privacy
     if not dp.noise_multiplier:
         return None
-    from client.cnn_privacy import guarantee
+    from fedrad.client.cnn_privacy import guarantee
 
     spent: dict[str, float] = {}
     for figures in history:

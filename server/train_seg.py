@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from flwr.common.logger import log
 
-from common.messages import SEG_DICE, TRAIN_SEG, weights_id, weights_request
-from common.study import Study
-from server.federation import (Federation, StageFailed, StageTraffic, case_weighted_mean, fedavg_round,
+from fedrad.common.messages import SEG_DICE, TRAIN_SEG, weights_id, weights_request
+from fedrad.common.study import Study
+from fedrad.server.federation import (Federation, StageFailed, StageTraffic, case_weighted_mean, fedavg_round,
                                finite_or_none)
-from server.fit import study_sites
+from fedrad.server.fit import study_sites
 
 MODEL_DIR = "segmentation"
 
@@ -33,7 +33,7 @@ def initial_weights(study: Study) -> dict[str, np.ndarray]:
     """The untrained SegResNet of the study's seed (float32, as it travels)."""
     import torch
 
-    from client.segmentation import build_segmenter, check_box
+    from fedrad.client.segmentation import build_segmenter, check_box
 
     check_box(study.segment.box)
     torch.manual_seed(study.segment.seed)
@@ -53,7 +53,7 @@ def _round_figures(round_no: int, replies: dict) -> dict:
 
 
 def run_train_seg(fed: Federation, study: Study, census: dict, run_dir: Path) -> dict:
-    from client.segmentation import write_model
+    from fedrad.client.segmentation import write_model
 
     traffic = StageTraffic()
     sites = study_sites(census, None, fed, study)

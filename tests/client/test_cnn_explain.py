@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from client.cnn_explain import gradcam_maps, save_gradcam, target_layer_of
-from client.cnn_task import build_network, case_dataset, train_epochs
-from client.synth import generate_cohort
-from common.errors import FedradError
+from fedrad.client.cnn_explain import gradcam_maps, save_gradcam, target_layer_of
+from fedrad.client.cnn_task import build_network, case_dataset, train_epochs
+from fedrad.client.synth import generate_cohort
+from fedrad.common.errors import FedradError
 
 PHASES = ["arterial", "venous"]
 

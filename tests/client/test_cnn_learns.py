@@ -50,8 +50,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from client.cnn_task import build_network, case_dataset, predict, train_epochs
-from client.synth import BETA, generate_cohort
+from fedrad.client.cnn_task import build_network, case_dataset, predict, train_epochs
+from fedrad.client.synth import BETA, generate_cohort
 
 PHASES = ["venous"]
 SEED = 5

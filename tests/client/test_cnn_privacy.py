@@ -12,11 +12,11 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import get_gsm_class
 from torch.utils.data import Dataset
 
-import client.cnn_privacy as cnn_privacy
-from client.cnn_privacy import (BATCH_COUPLED, PER_SAMPLE, check_budget, epsilon_after, epsilon_for, epsilon_spent,
+import fedrad.client.cnn_privacy as cnn_privacy
+from fedrad.client.cnn_privacy import (BATCH_COUPLED, PER_SAMPLE, check_budget, epsilon_after, epsilon_for, epsilon_spent,
                                 load_history, planned_steps, record_steps, train_epochs_private)
-from client.cnn_task import _batch_loss, build_network
-from common.errors import FedradError
+from fedrad.client.cnn_task import _batch_loss, build_network
+from fedrad.common.errors import FedradError
 
 SIDE = 16  # ResNet-18 halves 16 pixels down to one: the smallest image it takes
 

@@ -9,10 +9,10 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from client.cnn_task import build_network, case_dataset, cox_loss, deep_features, predict, train_epochs
-from client.synth import generate_cohort
-from common.cox import site_cox_newton
-from common.messages import arrays_record, record_arrays
+from fedrad.client.cnn_task import build_network, case_dataset, cox_loss, deep_features, predict, train_epochs
+from fedrad.client.synth import generate_cohort
+from fedrad.common.cox import site_cox_newton
+from fedrad.common.messages import arrays_record, record_arrays
 
 PHASES = ["arterial", "venous"]
 

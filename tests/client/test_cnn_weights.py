@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks import nets
 
-from client.cnn_task import build_network
-from client.cnn_weights import load_pretrained
-from common.errors import FedradError
+from fedrad.client.cnn_task import build_network
+from fedrad.client.cnn_weights import load_pretrained
+from fedrad.common.errors import FedradError
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,8 @@ def test_garbage_missing_and_unrelated_files_are_refused_clearly(tmp_path, image
 
 
 def test_the_coordinator_starts_from_the_pretrained_file(imagenet):
-    from common.study import parse_study
-    from server.train_cnn import initial_weights
+    from fedrad.common.study import parse_study
+    from fedrad.server.train_cnn import initial_weights
 
     source, path = imagenet
     study = parse_study({"cnn": {"phases": ["venous"], "dims": 2, "pretrained": str(path)}})

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import EXIT_QUARANTINED, app
+from fedrad.client.cli import EXIT_QUARANTINED, app
 from tests.conftest import tumour_case, write_manifest, write_volume
 
 GOOD = ("good-1", "good-2", "good-3")

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from client.prepare import prepare_from_manifest
-from client.store import open_store
+from fedrad.client.prepare import prepare_from_manifest
+from fedrad.client.store import open_store
 from tests.conftest import tumour_case, write_manifest, write_volume
 
 
@@ -84,7 +84,7 @@ def test_a_case_that_kills_its_worker_quarantines_only_itself(tmp_path, monkeypa
     """A worker dying (say, out of memory) breaks the whole pool; only that case may be lost."""
     import os
 
-    from client import extraction
+    from fedrad.client import extraction
 
     original = extraction.extract_case
 

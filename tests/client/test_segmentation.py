@@ -12,16 +12,16 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.extraction import default_params_path
-from client.segmentation import (build_segmenter, dice_on, read_model, seg_dataset, segment_image, train_epochs,
+from fedrad.client.cli import app
+from fedrad.client.extraction import default_params_path
+from fedrad.client.segmentation import (build_segmenter, dice_on, read_model, seg_dataset, segment_image, train_epochs,
                                  write_model)
-from client.store import MASK_SOURCE, open_store
-from client.synth import generate_cohort
-from common.errors import FedradError
-from common.messages import weights_id
-from common.splits import held_out, unit_hash
-from common.study import Segment
+from fedrad.client.store import MASK_SOURCE, open_store
+from fedrad.client.synth import generate_cohort
+from fedrad.common.errors import FedradError
+from fedrad.common.messages import weights_id
+from fedrad.common.splits import held_out, unit_hash
+from fedrad.common.study import Segment
 
 SETTINGS = {**Segment(box=(32, 32, 16), init_filters=4, validation_fraction=0.25).model_dump(mode="json")}
 
@@ -230,8 +230,8 @@ def test_prepare_segment_fills_missing_masks_and_marks_them_automatic(segmented,
 
 
 def test_a_site_measures_only_manual_masks_and_withholds_dice_below_min_count(site, segmented, trained, model):
-    from client.privacy import check_reply
-    from client.site_seg import delineated_cases, dice_reply, split_cases
+    from fedrad.client.privacy import check_reply
+    from fedrad.client.site_seg import delineated_cases, dice_reply, split_cases
 
     store = open_store(segmented["folder"] / "store")
     weights, meta = read_model(model)
@@ -254,8 +254,8 @@ def test_a_site_measures_only_manual_masks_and_withholds_dice_below_min_count(si
 
 
 def test_a_training_reply_carries_weights_and_four_scalars_that_pass_the_guard(segmented, model):
-    from client.privacy import check_reply
-    from client.site_seg import train_reply
+    from fedrad.client.privacy import check_reply
+    from fedrad.client.site_seg import train_reply
 
     store = open_store(segmented["folder"] / "store")
     weights, _ = read_model(model)

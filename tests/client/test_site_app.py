@@ -10,12 +10,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.ledger import read_ledger
-from client.privacy import Disclosure, PrivacyRefusal, check_reply, scrub
-from client.site_app import PRIVACY_REFUSED, SITE_FAILED, answer, app
-from common.errors import FedradError
-from common.messages import CENSUS, request
-from common.study import parse_study
+from fedrad.client.ledger import read_ledger
+from fedrad.client.privacy import Disclosure, PrivacyRefusal, check_reply, scrub
+from fedrad.client.site_app import PRIVACY_REFUSED, SITE_FAILED, answer, app
+from fedrad.common.errors import FedradError
+from fedrad.common.messages import CENSUS, request
+from fedrad.common.study import parse_study
 from tests.federation.cohort import hospital_rows, write_stores
 
 
@@ -165,8 +165,8 @@ def test_declared_shared_axis_may_equal_the_case_count_but_a_per_case_axis_may_n
 def test_select_withholds_icc_when_the_cases_without_a_repeat_are_too_few(tmp_path):
     import pandas as pd
 
-    from client.site_select import select_sums_reply
-    from client.store import open_store
+    from fedrad.client.site_select import select_sums_reply
+    from fedrad.client.store import open_store
     from tests.federation.cohort import hospital_rows, write_stores
 
     table = hospital_rows()
@@ -187,8 +187,8 @@ def test_select_withholds_icc_when_the_cases_without_a_repeat_are_too_few(tmp_pa
 def test_a_store_changed_after_the_census_refuses_the_later_stages(tmp_path):
     """The site re-runs `prepare` between the census and the next stage: the next message is refused,
     with both row counts, and nothing is computed from the new store."""
-    from client.store_guard import CENSUS_DIR
-    from common.messages import SELECT_SUMS
+    from fedrad.client.store_guard import CENSUS_DIR
+    from fedrad.common.messages import SELECT_SUMS
 
     table = hospital_rows()
     rows = table[table["site"] == "siteB"]

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.site_fit import SCORES, add_scores
-from client.store import open_store
-from common.errors import StoreError
+from fedrad.client.site_fit import SCORES, add_scores
+from fedrad.client.store import open_store
+from fedrad.common.errors import StoreError
 from tests.federation.cohort import hospital_rows, write_stores
 
 

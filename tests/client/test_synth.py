@@ -9,10 +9,10 @@ import SimpleITK as sitk
 from lifelines import CoxPHFitter
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.extraction import default_params_path
-from client.prepare import prepare_from_manifest
-from client.synth import generate_cohort
+from fedrad.client.cli import app
+from fedrad.client.extraction import default_params_path
+from fedrad.client.prepare import prepare_from_manifest
+from fedrad.client.synth import generate_cohort
 
 SIGNAL = [
     "logvol",  # tumour size

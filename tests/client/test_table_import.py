@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from typer.testing import CliRunner
 
-from client.cli import EXIT_QUARANTINED, app
-from client.store import open_store
+from fedrad.client.cli import EXIT_QUARANTINED, app
+from fedrad.client.store import open_store
 from tests.conftest import TEST_DATA
 
 

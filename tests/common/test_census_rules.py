@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.study import parse_study
-from server.census import _refuse_odd_settings, _site_named_in
-from server.federation import StageFailed
-from server.harmonise import design_for, eligible_sites
+from fedrad.common.study import parse_study
+from fedrad.server.census import _refuse_odd_settings, _site_named_in
+from fedrad.server.federation import StageFailed
+from fedrad.server.harmonise import design_for, eligible_sites
 
 
 def test_site_with_other_extraction_settings_is_refused_by_name():

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.combat import (
+from fedrad.common.combat import (
     DesignSpec,
     FederatedComBat,
     combine_combat_moments,
@@ -180,7 +180,7 @@ def test_a_batch_harmonised_as_new_against_the_reference_equals_neurocombat(radi
     """A validation site estimates its own γ*, δ* against the stored reference. Check: treating a
     training batch as new reproduces neuroCombat's adjusted rows for that batch (the same sums,
     priors and EB), so the new-batch arithmetic is ComBat's."""
-    from common.combat import design_matrix, site_combat_new_batch
+    from fedrad.common.combat import design_matrix, site_combat_new_batch
 
     y, site, scanner, age, sex = radiomics_like
     eb, parametric, mean_only = MODES[mode]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from common.correlation import (CorrelationInputError, combine_correlation, mrmr, relevance_from_statistic,
+from fedrad.common.correlation import (CorrelationInputError, combine_correlation, mrmr, relevance_from_statistic,
                                 site_correlation, update_correlation)
-from common.screen import combine_logistic_screen, site_logistic_screen, update_logistic_screen
+from fedrad.common.screen import combine_logistic_screen, site_logistic_screen, update_logistic_screen
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from scipy.optimize import approx_fprime
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
 
-from common.cox import (FederatedCoxPH, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets,
+from fedrad.common.cox import (FederatedCoxPH, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets,
                         site_cox_event_times, site_cox_newton, site_cox_risk_sets)
-from common.newton import RankDeficientError
+from fedrad.common.newton import RankDeficientError
 
 TIGHT = {"precision": 1e-12, "r_precision": 1e-14}
 

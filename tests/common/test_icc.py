@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.icc import IccInputError, combine_icc, icc_anova, site_icc, update_icc
+from fedrad.common.icc import IccInputError, combine_icc, icc_anova, site_icc, update_icc
 
 #: Shrout & Fleiss (1979), Table 2: 6 targets (rows) rated by 4 judges (columns).
 SHROUT_FLEISS = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]],

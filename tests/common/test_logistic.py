@@ -33,15 +33,15 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils._param_validation import InvalidParameterError
 from sksurv.datasets import load_gbsg2
 
-from common.errors import FedradError
-from common.logistic import (
+from fedrad.common.errors import FedradError
+from fedrad.common.logistic import (
     FederatedLogisticRegression,
     LogisticInputError,
     SeparationError,
     site_logistic_newton,
     update_logistic_newton,
 )
-from common.newton import ConvergenceWarning, RankDeficientError, combine_newton, start_newton
+from fedrad.common.newton import ConvergenceWarning, RankDeficientError, combine_newton, start_newton
 
 FEATURES = ["age", "tsize", "pnodes", "progrec", "estrec", "horTh"]
 

@@ -32,7 +32,7 @@ from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils._param_validation import InvalidParameterError
 
-from common.logistic import FederatedLogisticNetCV, LogisticInputError, site_logistic_newton
+from fedrad.common.logistic import FederatedLogisticNetCV, LogisticInputError, site_logistic_newton
 
 from tests.conftest import GBSG2_COLUMNS as COLUMNS
 

@@ -18,14 +18,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sksurv.metrics import concordance_index_censored
 
-from common.calibration import (calibration_in_the_large, combine_calibration_sums, decile_edges, hosmer_lemeshow,
+from fedrad.common.calibration import (calibration_in_the_large, combine_calibration_sums, decile_edges, hosmer_lemeshow,
                                 site_calibration_sums, slope_design)
-from common.decision import combine_decision_counts, net_benefit, site_decision_counts
-from common.discrimination import (combine_pair_counts, delong_auc, delong_test, site_auc_counts,
+from fedrad.common.decision import combine_decision_counts, net_benefit, site_decision_counts
+from fedrad.common.discrimination import (combine_pair_counts, delong_auc, delong_test, site_auc_counts,
                                    site_concordance_counts)
-from common.logistic import site_logistic_newton
-from common.newton import combine_newton, newton_fit
-from common.survival_curves import combine_risk_tables, kaplan_meier, logrank_test, risk_groups, site_risk_table
+from fedrad.common.logistic import site_logistic_newton
+from fedrad.common.newton import combine_newton, newton_fit
+from fedrad.common.survival_curves import combine_risk_tables, kaplan_meier, logrank_test, risk_groups, site_risk_table
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_site_survival_metrics_and_bootstrap_intervals(scored):
     from sksurv.metrics import brier_score, concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
     from sksurv.util import Surv
 
-    from common.survival_metrics import bootstrap_ci, brier_scores, harrell_c, time_dependent_auc, uno_c
+    from fedrad.common.survival_metrics import bootstrap_ci, brier_scores, harrell_c, time_dependent_auc, uno_c
 
     site = scored[scored["site"] == "A"].reset_index(drop=True)
     t, e, r = site["time"].to_numpy(), site["event"].to_numpy(), site["risk"].to_numpy()

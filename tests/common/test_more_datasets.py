@@ -18,8 +18,8 @@ from sklearn.linear_model import LogisticRegression
 from sksurv.datasets import load_veterans_lung_cancer, load_whas500
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 
-from common.cox import FederatedCoxPH
-from common.logistic import FederatedLogisticRegression
+from fedrad.common.cox import FederatedCoxPH
+from fedrad.common.logistic import FederatedLogisticRegression
 
 TIGHT = {"precision": 1e-12, "r_precision": 1e-14}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.nomogram import (MAX_POINTS, axis_ranges, build_nomogram, linear_predictor_for_survival,
+from fedrad.common.nomogram import (MAX_POINTS, axis_ranges, build_nomogram, linear_predictor_for_survival,
                              survival_at)
 
 

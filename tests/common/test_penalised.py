@@ -13,8 +13,8 @@ import pytest
 from sklearn.linear_model import Lasso
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 
-from common.cox import FederatedCoxnetCV, site_cox_newton
-from common.penalised import Penalty, cv_choice, fold_ids, solve_penalised_quadratic
+from fedrad.common.cox import FederatedCoxnetCV, site_cox_newton
+from fedrad.common.penalised import Penalty, cv_choice, fold_ids, solve_penalised_quadratic
 
 @pytest.fixture(scope="module")
 def fitted(gbsg2):

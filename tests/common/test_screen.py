@@ -4,10 +4,10 @@ Data: GBSG2 (686 patients, 299 recurrences; ``sksurv.datasets.load_gbsg2``) for 
 Wisconsin breast cancer features (569 cases, 30 image features; ``sklearn.datasets.load_breast_cancer``)
 for logistic, each split at random into pseudo-sites. References, on the same rows:
 
-* Cox: ``grad² / -hess`` of :func:`common.cox.site_cox_newton` at β = 0 for each one-feature model,
+* Cox: ``grad² / -hess`` of :func:`fedrad.common.cox.site_cox_newton` at β = 0 for each one-feature model,
   summed over sites (stratified), for both ties; and ``lifelines.statistics.logrank_test`` for a
   0/1 feature without tied times (the Cox score test is then the log-rank test).
-* logistic: ``gᵀ(-H)⁻¹g`` of :func:`common.logistic.site_logistic_newton` at the pooled
+* logistic: ``gᵀ(-H)⁻¹g`` of :func:`fedrad.common.logistic.site_logistic_newton` at the pooled
   intercept-only fit (logit p̂, 0) of the design [1, x_j]; ``n · r²`` from ``np.corrcoef``; and
   ``scipy.stats.chi2_contingency(correction=False)`` for a 0/1 feature.
 * q-values: ``scipy.stats.false_discovery_control(p, method="bh")``.
@@ -23,10 +23,10 @@ from scipy.special import logit
 from sklearn.datasets import load_breast_cancer
 from sksurv.datasets import load_gbsg2
 
-from common.cox import site_cox_newton
-from common.logistic import site_logistic_newton
-from common.newton import combine_newton
-from common.screen import (ScreenInputError, bh_fdr, combine_cox_screen, combine_logistic_screen, site_cox_screen,
+from fedrad.common.cox import site_cox_newton
+from fedrad.common.logistic import site_logistic_newton
+from fedrad.common.newton import combine_newton
+from fedrad.common.screen import (ScreenInputError, bh_fdr, combine_cox_screen, combine_logistic_screen, site_cox_screen,
                            site_logistic_screen, update_cox_screen, update_logistic_screen)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.study import Features, StudyError, load_study, parse_study, select_features
+from fedrad.common.study import Features, StudyError, load_study, parse_study, select_features
 
 
 def test_defaults_are_a_site_batch_harmonisation():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
 
-from common.zscore import combine_zscore_moments, site_zscore_apply, site_zscore_moments, update_zscore
+from fedrad.common.zscore import combine_zscore_moments, site_zscore_apply, site_zscore_moments, update_zscore
 
 
 def _sites(offset, spread, seed=0):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client.table_import import prepare_from_table
+from fedrad.client.table_import import prepare_from_table
 from tests.conftest import TEST_DATA
 
 N_FEATURES = 12

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import schemas
+from fedrad.common import schemas
 
 
 def write_study(path: Path, text: str) -> Path:

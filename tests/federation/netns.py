@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.local import signal_group, signal_process
+from fedrad.server.local import signal_group, signal_process
 
 __all__ = ["Testbed", "NetnsError", "unavailable", "COORDINATOR"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.dashboard import DashboardServer, create_app, read_state
-from server.runlog import RUNLOG, RunLog, read_runlog
+from fedrad.server.dashboard import DashboardServer, create_app, read_state
+from fedrad.server.runlog import RUNLOG, RunLog, read_runlog
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import write_study
 
@@ -41,7 +41,7 @@ def _handmade_run(run_dir: Path, monkeypatch) -> None:
     run_dir.mkdir()
     (run_dir / "study.toml").write_text('[study]\nname = "handmade"\nstages = ["census", "harmonise", "train_cnn", '
                                         '"fit"]\n[privacy]\nmin_count = 25\n[cnn.privacy]\nepsilon_budget = 8.0\n')
-    monkeypatch.setattr("server.runlog.time.time", Clock())
+    monkeypatch.setattr("fedrad.server.runlog.time.time", Clock())
     log = RunLog(run_dir / RUNLOG, run_id=7)
     log.start_run("handmade")                                                                  # t = 1000
     log.start_stage("census")                                                                  # 1001
@@ -146,7 +146,7 @@ def test_dashboard_follows_a_running_study_in_headless_chromium(tmp_path):
     assert Path(CHROMIUM).exists(), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
     from playwright.sync_api import sync_playwright
 
-    from server.local import LocalFederation
+    from fedrad.server.local import LocalFederation
 
     stores = write_stores(tmp_path / "stores", hospital_rows())
     study = write_study(tmp_path / "study.toml", STUDY)
@@ -217,8 +217,8 @@ def test_dashboard_follows_a_running_study_in_headless_chromium(tmp_path):
 def test_a_taken_port_is_a_clear_error_and_the_command_is_registered(tmp_path):
     from typer.testing import CliRunner
 
-    from client.cli import app
-    from server.dashboard import DashboardError
+    from fedrad.client.cli import app
+    from fedrad.server.dashboard import DashboardError
 
     with DashboardServer(tmp_path, port=0) as first:
         with pytest.raises(DashboardError, match=f"could not listen on 127.0.0.1:{first.port}"):

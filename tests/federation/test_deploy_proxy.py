@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.local import free_port, stop_processes
+from fedrad.server.local import free_port, stop_processes
 from tests.conftest import ROOT
 from tests.federation.cohort import hospital_rows, write_stores
 

@@ -5,7 +5,7 @@ Four hospitals; siteD is a validation site: it is harmonised to the training ref
 returns metrics only. References: scikit-survival's ``concordance_index_censored`` per
 site (and the sum of its pair counts for the pooled, site-stratified C), scikit-learn's
 ``roc_auc_score``, lifelines' ``KaplanMeierFitter`` for the risk groups, and
-``common.combat.site_combat_new_batch`` (itself checked against neuroCombat) for the
+``fedrad.common.combat.site_combat_new_batch`` (itself checked against neuroCombat) for the
 validation site's harmonised rows. `fedrad validate` on the validation site's own store,
 offline, must reproduce what the federated evaluation reported for that site.
 """
@@ -20,12 +20,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sksurv.metrics import concordance_index_censored
 
-from client.ledger import read_ledger
-from client.table_import import prepare_from_table
-from client.validate import validate
-from common.package import PackageError
-from common.combat import DesignSpec, design_matrix, estimates_from_arrays, site_combat_new_batch
-from server.local import LocalFederation
+from fedrad.client.ledger import read_ledger
+from fedrad.client.table_import import prepare_from_table
+from fedrad.client.validate import validate
+from fedrad.common.package import PackageError
+from fedrad.common.combat import DesignSpec, design_matrix, estimates_from_arrays, site_combat_new_batch
+from fedrad.server.local import LocalFederation
 from tests.conftest import TEST_DATA
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import write_study
@@ -191,7 +191,7 @@ def test_validate_refuses_other_extraction_settings_and_missing_features(evaluat
 
 
 def test_report_is_one_self_contained_html_file(evaluated, tmp_path):
-    from server.report import write_validation_report
+    from fedrad.server.report import write_validation_report
 
     _, stores, results, run = evaluated
     text = (run / "report.html").read_text(encoding="utf-8")

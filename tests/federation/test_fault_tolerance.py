@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 from lifelines import CoxPHFitter
 
-from client.ledger import read_ledger
-from client.table_import import prepare_from_table
-from server.local import FederationError, LocalFederation
-from server.runlog import RUNLOG, RunLog, read_runlog
+from fedrad.client.ledger import read_ledger
+from fedrad.client.table_import import prepare_from_table
+from fedrad.server.local import FederationError, LocalFederation
+from fedrad.server.runlog import RUNLOG, RunLog, read_runlog
 from tests.conftest import TEST_DATA
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import write_study

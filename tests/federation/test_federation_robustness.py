@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import app
-from client.ledger import read_ledger
-from server.local import LocalFederation
-from server.runlog import read_runlog
+from fedrad.client.cli import app
+from fedrad.client.ledger import read_ledger
+from fedrad.server.local import LocalFederation
+from fedrad.server.runlog import read_runlog
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import aligned, read_site_outputs, write_study
 from tests.oracles import neurocombat

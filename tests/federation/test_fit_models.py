@@ -16,10 +16,10 @@ from sklearn.linear_model import LogisticRegression
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
 
-from common.correlation import mrmr, relevance_from_statistic
-from common.cox import FederatedCoxnetCV
-from common.screen import combine_cox_screen, site_cox_screen, update_cox_screen
-from server.local import LocalFederation
+from fedrad.common.correlation import mrmr, relevance_from_statistic
+from fedrad.common.cox import FederatedCoxnetCV
+from fedrad.common.screen import combine_cox_screen, site_cox_screen, update_cox_screen
+from fedrad.server.local import LocalFederation
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import write_study
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from server.local import LocalFederation
+from fedrad.server.local import LocalFederation
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import aligned, read_site_outputs, write_study
 from tests.oracles import neurocombat

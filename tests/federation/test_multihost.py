@@ -36,7 +36,7 @@ if REASON is None and not (shutil.which("openssl") and shutil.which("ssh-keygen"
 if REASON:
     pytest.skip(REASON, allow_module_level=True)
 
-from server.local import QUIET_ENV, flower_bin  # noqa: E402
+from fedrad.client.flower_process import QUIET_ENV, flower_bin  # noqa: E402
 from tests.federation.cohort import hospital_rows, write_stores  # noqa: E402
 from tests.federation.conftest import aligned, read_site_outputs, write_study  # noqa: E402
 from tests.oracles import neurocombat  # noqa: E402

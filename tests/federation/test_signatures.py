@@ -24,9 +24,9 @@ from sklearn.linear_model import LogisticRegression
 from sksurv.datasets import load_gbsg2
 from sksurv.linear_model.coxph import BreslowEstimator
 
-from client.table_import import prepare_from_table
-from server.local import LocalFederation
-from server.nomogram_plot import nomogram_from_dict
+from fedrad.client.table_import import prepare_from_table
+from fedrad.server.local import LocalFederation
+from fedrad.server.nomogram_plot import nomogram_from_dict
 from tests.conftest import TEST_DATA
 from tests.federation.conftest import write_study
 

@@ -22,18 +22,18 @@ import pandas as pd
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.cnn_task import build_network, predict
-from client.extraction import default_params_path
-from client.ledger import read_ledger
-from client.prepare import prepare_from_manifest
-from client.site_cnn import _held_out_figures, network_with, site_cases, validation_figures, validation_ids
-from client.site_data import DEEP_FEATURES
-from client.store import open_store
-from client.synth import generate_cohort
-from client.validate import validate
-from common.study import parse_study
-from server.local import LocalFederation
-from server.train_cnn import EarlyStopping, initial_weights
+from fedrad.client.cnn_task import build_network, predict
+from fedrad.client.extraction import default_params_path
+from fedrad.client.ledger import read_ledger
+from fedrad.client.prepare import prepare_from_manifest
+from fedrad.client.site_cnn import _held_out_figures, network_with, site_cases, validation_figures, validation_ids
+from fedrad.client.site_data import DEEP_FEATURES
+from fedrad.client.store import open_store
+from fedrad.client.synth import generate_cohort
+from fedrad.client.validate import validate
+from fedrad.common.study import parse_study
+from fedrad.server.local import LocalFederation
+from fedrad.server.train_cnn import EarlyStopping, initial_weights
 from tests.federation.conftest import write_study
 
 SITES = ("siteA", "siteB", "siteC", "siteD")

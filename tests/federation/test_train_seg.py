@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from client.extraction import default_params_path
-from client.prepare import prepare_from_manifest
-from client.segmentation import build_segmenter, read_model, segment_image, segmenter_with
-from client.synth import generate_cohort
-from common.splits import held_out
-from server.local import LocalFederation
+from fedrad.client.extraction import default_params_path
+from fedrad.client.prepare import prepare_from_manifest
+from fedrad.client.segmentation import build_segmenter, read_model, segment_image, segmenter_with
+from fedrad.client.synth import generate_cohort
+from fedrad.common.splits import held_out
+from fedrad.server.local import LocalFederation
 from tests.federation.conftest import write_study
 
 SITES = ("siteA", "siteB", "siteC")

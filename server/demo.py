@@ -19,11 +19,12 @@ from rich.console import Console
 from rich.table import Table
 from sksurv.metrics import concordance_index_censored
 
-from client.extraction import default_params_path
-from client.prepare import prepare_from_manifest
-from client.synth import generate_cohort
-from server.cli import print_results, table_of
-from server.local import LocalFederation
+from fedrad.client.extraction import default_params_path
+from fedrad.client.prepare import prepare_from_manifest
+from fedrad.client.synth import generate_cohort
+from fedrad.client.cli import table_of
+from fedrad.server.cli import print_results
+from fedrad.server.local import LocalFederation
 
 
 def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int | None, full_params: bool,
@@ -96,7 +97,7 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
                                       "training sites, site-stratified)"))
         console.print(f"evaluation table: {out / 'evaluation.csv'}; all figures in {out / 'study' / 'results.json'}")
     if results["status"] == "completed":
-        from server.report import write_report
+        from fedrad.server.report import write_report
 
         report = write_report(out / "study", results, extra_images=[out / "scanner_effect.png"])
         console.print(f"report: {report}")

@@ -35,7 +35,7 @@ EXTRACTION_VERSION = 1
 
 def default_params_path(name: str = "default") -> Path:
     """Path of a shipped parameter file: ``default`` (full) or ``demo`` (fast)."""
-    return Path(str(resources.files("client") / "params" / f"{name}.yaml"))
+    return Path(str(resources.files("fedrad.client") / "params" / f"{name}.yaml"))
 
 
 def load_params(path: Path | None) -> tuple[dict, str]:

@@ -60,7 +60,7 @@ def answer(msg: Message, context: Context, build) -> Message:
     try:
         store_path, site, site_min = site_settings(context.node_config)
         plan = request_plan(msg.content)
-        study = parse_study(plan["study"], source="the coordinator's study")
+        study = parse_study(plan.pop("study"), source="the coordinator's study")  # handlers read the parsed study
         min_count = max(study.privacy.min_count, site_min)
         store = open_store(store_path)
         if message_type == CENSUS:
@@ -100,19 +100,19 @@ def census(msg: Message, context: Context) -> Message:
 
 @app.query("combat_moments")
 def combat_moments(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count: moments_reply(store, plan, site))
+    return answer(msg, context, lambda store, plan, study, site, min_count: moments_reply(store, plan, study, site))
 
 
 @app.query("combat_residuals")
 def combat_residuals(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  residuals_reply(store, plan, site, _arrays(msg)))
+                  residuals_reply(store, plan, study, site, _arrays(msg)))
 
 
 @app.query("combat_adjust")
 def combat_adjust(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  adjust_reply(store, plan, site, _arrays(msg), context.run_id))
+                  adjust_reply(store, plan, study, site, _arrays(msg), context.run_id))
 
 
 @app.query("zscore_apply")
@@ -124,7 +124,7 @@ def zscore_apply(msg: Message, context: Context) -> Message:
 @app.query("combat_validate")
 def combat_validate(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  validate_reply(store, plan, site, _arrays(msg), context.run_id))
+                  validate_reply(store, plan, study, site, _arrays(msg), context.run_id))
 
 
 @app.query("model_summaries")
@@ -180,22 +180,22 @@ def evaluate_calibration(msg: Message, context: Context) -> Message:
 @app.train("cnn")
 def train_cnn(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  train_reply(store, plan, site, _arrays(msg), min_count, context.run_id))
+                  train_reply(store, plan, study, site, _arrays(msg), min_count, context.run_id))
 
 
 @app.query("cnn_scores")
 def cnn_scores(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  scores_reply(store, plan, site, _arrays(msg)))
+                  scores_reply(store, plan, study, site, _arrays(msg)))
 
 
 @app.train("seg")
 def train_seg(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  seg_train_reply(store, plan, site, _arrays(msg), min_count))
+                  seg_train_reply(store, plan, study, site, _arrays(msg), min_count))
 
 
 @app.query("seg_dice")
 def seg_dice(msg: Message, context: Context) -> Message:
     return answer(msg, context, lambda store, plan, study, site, min_count:
-                  seg_dice_reply(store, plan, site, _arrays(msg), min_count))
+                  seg_dice_reply(store, plan, study, site, _arrays(msg), min_count))

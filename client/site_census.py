@@ -76,6 +76,7 @@ def census_reply(store: FeatureStore, study: Study, site: str, min_count: int) -
         "repeat_cases": 0 if store.repeat is None else int(store.repeat[schemas.ID].nunique()),
         "features_in_store": len(store.feature_columns),
         "batch_counts": counts,
+        "min_count": min_count,  # effective: the larger of the study's and this site's own (--min-count)
     })
     for problem in problems:
         site_log(store.path, f"census: {problem}")

@@ -27,6 +27,7 @@ from fedrad.client.store import FeatureStore
 from fedrad.common import schemas
 from fedrad.common.errors import StoreError
 from fedrad.common.messages import weights_record
+from fedrad.common.study import Study
 
 GRADCAM = "gradcam"
 
@@ -114,11 +115,11 @@ def _held_out_figures(store: FeatureStore, cnn: dict, net, min_count: int) -> tu
     return figures, {"cnn validation split": n}
 
 
-def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, min_count: int = 1,
+def train_reply(store: FeatureStore, plan: dict, study: Study, site: str, arrays: dict, min_count: int = 1,
                 run_id: int = 0) -> tuple[RecordDict, Disclosure]:
     from fedrad.client.cnn_task import train_epochs, uses_dp
 
-    cnn = plan["study"]["cnn"]
+    cnn = study.cnn.model_dump(mode="json")
     net = network_with(cnn, arrays)
     figures, groups = _held_out_figures(store, cnn, net, min_count)
     dataset, manifest = site_cases(store, cnn, train=True, part="training")
@@ -194,10 +195,10 @@ def save_site_gradcam(store: FeatureStore, cnn: dict, net, dataset) -> list[Path
     return paths
 
 
-def scores_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
+def scores_reply(store: FeatureStore, plan: dict, study: Study, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
     from fedrad.common.survival_metrics import harrell_c
 
-    cnn = plan["study"]["cnn"]
+    cnn = study.cnn.model_dump(mode="json")
     scores, dataset, net = write_cnn_outputs(store, cnn, arrays, plan["weights_id"])
     save_site_gradcam(store, cnn, net, dataset)
     c = harrell_c(scores["time"], scores["event"].astype(bool), scores["dl_score"])

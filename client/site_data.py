@@ -23,7 +23,7 @@ from fedrad.client.store import FEATURES, _atomic
 from fedrad.common import schemas
 from fedrad.common.errors import StoreError
 from fedrad.common.combat import DesignSpec, design_matrix
-from fedrad.common.study import SITE_BATCH
+from fedrad.common.study import SITE_BATCH, Harmonise
 
 HARMONISED = "harmonised.parquet"
 STANDARDISED = "standardised.parquet"
@@ -57,26 +57,25 @@ def design_spec(plan: dict) -> DesignSpec:
                       continuous=tuple(design["continuous"]))
 
 
-def harmonise_columns(table: pd.DataFrame, plan: dict, site: str):
+def harmonise_columns(table: pd.DataFrame, plan: dict, harmonise: Harmonise, site: str):
     """(batch labels, covariates, y, spec) of this site's rows, checked: what ComBat reads."""
     features = plan["features"]
     absent = [c for c in features if c not in table.columns]
     if absent:
         raise StoreError(f"the store lacks {len(absent)} feature column(s) the study uses, e.g. {absent[:3]}")
-    study = plan["study"]["harmonise"]
-    labels, problem = batch_labels(table, study["batch"], site)
+    labels, problem = batch_labels(table, harmonise.batch, site)
     if problem:
         raise StoreError(problem)
-    covariates = {name: table[name].to_numpy() for name in study["categorical"] + study["continuous"]}
+    covariates = {name: table[name].to_numpy() for name in (*harmonise.categorical, *harmonise.continuous)}
     y = table[features].to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(y)):
         raise StoreError("feature values include NaN/inf")
     return labels.astype(str).to_numpy(), covariates, y, design_spec(plan)
 
 
-def harmonise_inputs(table: pd.DataFrame, plan: dict, site: str):
+def harmonise_inputs(table: pd.DataFrame, plan: dict, harmonise: Harmonise, site: str):
     """(ids, y, X, spec) for ComBat: features, design matrix in the study's global levels."""
-    labels, covariates, y, spec = harmonise_columns(table, plan, site)
+    labels, covariates, y, spec = harmonise_columns(table, plan, harmonise, site)
     X = design_matrix(labels, covariates, spec)
     return table[schemas.ID].astype(str).to_numpy(), y, X, spec
 

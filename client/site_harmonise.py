@@ -21,6 +21,7 @@ from fedrad.common.errors import StoreError
 from fedrad.common.combat import (CombatFit, design_matrix, estimates_from_arrays, site_combat_adjust, site_combat_moments,
                            site_combat_new_batch, site_combat_residuals)
 from fedrad.common.messages import arrays_record
+from fedrad.common.study import Study
 from fedrad.common.zscore import ZScale, site_zscore_apply, site_zscore_moments
 
 
@@ -43,15 +44,15 @@ def _disclosure(ids, X, spec) -> Disclosure:
                       shared_axes=frozenset({X.shape[1], spec.n_batch}))
 
 
-def moments_reply(store: FeatureStore, plan: dict, site: str) -> tuple[RecordDict, Disclosure]:
-    ids, y, X, spec = harmonise_inputs(store.features, plan, site)
+def moments_reply(store: FeatureStore, plan: dict, study: Study, site: str) -> tuple[RecordDict, Disclosure]:
+    ids, y, X, spec = harmonise_inputs(store.features, plan, study.harmonise, site)
     m = site_combat_moments(y, X, spec)
     return (RecordDict({"arrays": arrays_record(xtx=m.xtx, xty=m.xty, n_batch=m.n_batch)}),
             _features_axis(_disclosure(ids, X, spec), y))
 
 
-def residuals_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
-    ids, y, X, spec = harmonise_inputs(store.features, plan, site)
+def residuals_reply(store: FeatureStore, plan: dict, study: Study, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
+    ids, y, X, spec = harmonise_inputs(store.features, plan, study.harmonise, site)
     fit = CombatFit(beta=arrays["beta"], grand_mean=arrays["grand_mean"], n_batch=arrays["n_batch"], spec=spec)
     r = site_combat_residuals(y, X, fit)
     content = RecordDict({"arrays": arrays_record(ss_resid=r.ss_resid, sum_r=r.sum_r, sum_r2=r.sum_r2,
@@ -59,13 +60,13 @@ def residuals_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) ->
     return content, _features_axis(_disclosure(ids, X, spec), y)
 
 
-def adjust_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:
+def adjust_reply(store: FeatureStore, plan: dict, study: Study, site: str, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:
     """Adjust this site's rows, keep them in the store, and return their z-score moments."""
-    ids, y, X, spec = harmonise_inputs(store.features, plan, site)
+    ids, y, X, spec = harmonise_inputs(store.features, plan, study.harmonise, site)
     adjusted = site_combat_adjust(y, X, estimates_from_arrays(arrays, spec))
     write_feature_table(store.path, HARMONISED, store.features, plan["features"], adjusted)
     write_harmonised_meta(store.path, {
-        "reference": plan["reference"], "run": run_id, "batch": plan["study"]["harmonise"]["batch"],
+        "reference": plan["reference"], "run": run_id, "batch": study.harmonise.batch,
         "features": plan["features"], "zscored": False,
     })
     z = site_zscore_moments(adjusted)
@@ -90,7 +91,7 @@ def zscore_reply(store: FeatureStore, plan: dict, arrays: dict, run_id: int) -> 
                                                                                identifiers=frozenset(ids))
 
 
-def validate_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:
+def validate_reply(store: FeatureStore, plan: dict, study: Study, site: str, arrays: dict, run_id: int) -> tuple[RecordDict, Disclosure]:
     """A validation site harmonises itself to the training reference and sends back counts only.
 
     A batch level the training sites had (a shared scanner model) uses the reference's γ*, δ*;
@@ -100,8 +101,8 @@ def validate_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run
     """
     table = store.features
     features = plan["features"]
-    harmonise = plan["study"]["harmonise"]
-    labels, covariates, y, spec = harmonise_columns(table, plan, site)
+    harmonise = study.harmonise
+    labels, covariates, y, spec = harmonise_columns(table, plan, harmonise, site)
     placeholder = np.full(len(table), spec.batch_levels[0])  # only the covariate columns are used
     covariate_design = design_matrix(placeholder, covariates, spec)[:, spec.n_batch:]
     estimates = estimates_from_arrays(arrays, spec)
@@ -115,15 +116,15 @@ def validate_reply(store: FeatureStore, plan: dict, site: str, arrays: dict, run
             known.append(level)
         else:
             adjusted[rows], _ = site_combat_new_batch(
-                y[rows], covariate_design[rows], estimates, eb=harmonise["eb"], parametric=harmonise["parametric"],
-                mean_only=harmonise["mean_only"], level=level)
+                y[rows], covariate_design[rows], estimates, eb=harmonise.eb, parametric=harmonise.parametric,
+                mean_only=harmonise.mean_only, level=level)
             new.append(level)
     write_feature_table(store.path, HARMONISED, table, features, adjusted)
-    if harmonise["zscore"]:
+    if harmonise.zscore:
         write_feature_table(store.path, STANDARDISED, table, features,
                             site_zscore_apply(adjusted, ZScale(mean=arrays["z_mean"], sd=arrays["z_sd"])))
-    write_harmonised_meta(store.path, {"reference": plan["reference"], "run": run_id, "batch": harmonise["batch"],
-                                       "features": features, "zscored": bool(harmonise["zscore"]),
+    write_harmonised_meta(store.path, {"reference": plan["reference"], "run": run_id, "batch": harmonise.batch,
+                                       "features": features, "zscored": bool(harmonise.zscore),
                                        "role": "validation", "known_levels": known, "new_levels": new})
     site_log(store.path, f"harmonised to reference {plan['reference'][:12]} as a validation site: "
              f"{len(known)} batch level(s) from the reference, {len(new)} estimated here ({', '.join(new)})")

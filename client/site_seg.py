@@ -31,6 +31,7 @@ from fedrad.common import schemas
 from fedrad.common.errors import FedradError, StoreError
 from fedrad.common.messages import weights_record
 from fedrad.common.splits import held_out
+from fedrad.common.study import Study
 
 PARTS = ("training", "held_out", "all")
 
@@ -102,11 +103,11 @@ def _disclosure(store: FeatureStore, n_cases: int, weights: dict | None, groups:
                       shared_axes=frozenset(axes))
 
 
-def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
+def train_reply(store: FeatureStore, plan: dict, study: Study, site: str, arrays: dict,
                 min_count: int = 1) -> tuple[RecordDict, Disclosure]:
     from fedrad.client.segmentation import seg_dataset, train_epochs
 
-    settings = plan["study"]["segment"]
+    settings = study.segment.model_dump(mode="json")
     round_no = int(plan["round"])
     cases = delineated_cases(store, settings)
     held, training = split_cases(cases, settings, "held_out"), split_cases(cases, settings, "training")
@@ -125,11 +126,11 @@ def train_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
             _disclosure(store, len(cases), weights, groups))
 
 
-def dice_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
+def dice_reply(store: FeatureStore, plan: dict, study: Study, site: str, arrays: dict,
                min_count: int = 1) -> tuple[RecordDict, Disclosure]:
-    settings = plan["study"]["segment"]
+    settings = study.segment.model_dump(mode="json")
     cases = delineated_cases(store, settings)
-    validation = site in plan["study"]["sites"]["validation"]
+    validation = site in study.sites.validation
     measured = split_cases(cases, settings, "all" if validation else "held_out")
     net = segmenter_with(settings, arrays)
     dice, groups = held_out_dice(store, settings, net, measured, min_count,

@@ -28,6 +28,7 @@ from fedrad.common import schemas
 from fedrad.common.evaluation import site_metrics
 from fedrad.common.messages import record_arrays
 from fedrad.common.package import PackageError, read_package
+from fedrad.common.study import parse_study
 
 SITE = "validation"
 
@@ -83,9 +84,10 @@ def validate(package: Path, store_path: Path, out: Path) -> dict:
     harmonisation = manifest.get("harmonisation")
     if harmonisation:
         arrays = dict(np.load(Path(package) / harmonisation["arrays"]))
-        plan = {"study": manifest["study"], "features": manifest["features"], "design": harmonisation["design"],
+        plan = {"features": manifest["features"], "design": harmonisation["design"],
                 "reference": harmonisation["reference"]}
-        validate_reply(work, plan, SITE, arrays, run_id=0)
+        validate_reply(work, plan, parse_study(manifest["study"], source="the package's study"), SITE, arrays,
+                       run_id=0)
     if _needs_cnn(manifest):
         cnn = manifest["cnn"]
         write_cnn_outputs(work, cnn["settings"], dict(np.load(Path(package) / cnn["weights"])), cnn["weights_id"])

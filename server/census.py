@@ -134,6 +134,7 @@ def _site_info(content) -> dict:
         "quarantined": int(counts["quarantined"]),
         "repeat_cases": int(counts["repeat_cases"]),
         "features_in_store": int(counts["features_in_store"]),
+        "min_count": int(counts["min_count"]),
     }
 
 

@@ -13,6 +13,7 @@ from fedrad.common.errors import FedradError
 
 from fedrad.client import cli as site_cli
 from fedrad.client.cli import _read_or_exit, console, table_of
+from fedrad.server.summary import print_results
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated radiomics: build and validate prognosis models across hospitals.")
@@ -64,34 +65,6 @@ def local(
         raise typer.Exit(2)
     print_results(results, out)
     raise typer.Exit(0 if results["status"] == "completed" else 1)
-
-
-def print_results(results: dict, run_dir: Path) -> None:
-    stages = pd.DataFrame([{"stage": k, **v} for k, v in results.get("stages", {}).items()])
-    if len(stages):
-        console.print(table_of(stages, f"study '{results.get('study', '?')}': {results['status']}"))
-    census = results.get("census")
-    if census:
-        rows = [{"site": name, "cases": i["cases"], "events": i["events"], "quarantined": i["quarantined"],
-                 "features": i["features_selected"],
-                 "batches": " ".join(f"{k}:{v}" for k, v in i["batch_counts"].items()),
-                 "problems": "; ".join(i["problems"])} for name, i in census["sites"].items()]
-        rows += [{"site": name, "problems": f"refused: {reason}"} for name, reason in census["refused"].items()]
-        console.print(table_of(pd.DataFrame(rows), "census"))
-    harmonise = results.get("harmonise")
-    if harmonise:
-        traffic = harmonise["traffic"]
-        rows = [{"site": s, "bytes to site": traffic["bytes_to_site"].get(s, 0),
-                 "bytes from site": traffic["bytes_from_site"].get(s, 0),
-                 "status": "harmonised" if s in harmonise["sites"] else f"left out: {harmonise['left_out'].get(s)}"}
-                for s in sorted(set(traffic["bytes_to_site"]) | set(harmonise["left_out"]))]
-        console.print(table_of(pd.DataFrame(rows), f"harmonise: ComBat by '{harmonise['batch']}' over "
-                                                    f"{len(harmonise['batches'])} batch level(s), "
-                                                    f"{harmonise['n_features']} features, "
-                                                    f"{traffic['rounds']} round trip(s), {traffic['seconds']} s"))
-    if results.get("error"):
-        console.print(f"[red]study failed:[/] {results['error']}")
-    console.print(f"results: {Path(run_dir) / 'results.json'}; run log: `fedrad status {run_dir}`")
 
 
 def status(run_dir: Path = typer.Argument(..., help="A run directory (holds runlog.sqlite).")):

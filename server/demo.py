@@ -23,7 +23,7 @@ from fedrad.client.extraction import default_params_path
 from fedrad.client.prepare import prepare_from_manifest
 from fedrad.client.synth import generate_cohort
 from fedrad.client.cli import table_of
-from fedrad.server.cli import print_results
+from fedrad.server.summary import print_results
 from fedrad.server.local import LocalFederation
 
 

@@ -21,7 +21,7 @@ from fedrad.client.synth import generate_cohort
 from fedrad.common.errors import FedradError
 from fedrad.common.messages import weights_id
 from fedrad.common.splits import held_out, unit_hash
-from fedrad.common.study import Segment
+from fedrad.common.study import Segment, parse_study
 
 SETTINGS = {**Segment(box=(32, 32, 16), init_filters=4, validation_fraction=0.25).model_dump(mode="json")}
 
@@ -235,19 +235,19 @@ def test_a_site_measures_only_manual_masks_and_withholds_dice_below_min_count(si
 
     store = open_store(segmented["folder"] / "store")
     weights, meta = read_model(model)
-    plan = {"study": {"segment": SETTINGS, "sites": {"validation": []}}, "weights_id": meta["weights_sha256"]}
+    plan, study = {"weights_id": meta["weights_sha256"]}, parse_study({"segment": SETTINGS})
     cases = delineated_cases(store, SETTINGS)
     assert {c["patient_id"] for c in cases} == set(store.features["patient_id"]) - set(segmented["blank"])
     held = split_cases(cases, SETTINGS, "held_out")
     assert {c["patient_id"] for c in held} == {i["patient_id"] for i in site["held_out"]}  # the blanked cases trained
 
-    content, disclosure = dice_reply(store, plan, "siteA", weights, min_count=2)
+    content, disclosure = dice_reply(store, plan, study, "siteA", weights, min_count=2)
     check_reply(content, disclosure, 2)
     expected = dice_on(trained[3], seg_dataset(held, SETTINGS), SETTINGS["box"])
     assert content["metrics"]["dice"] == pytest.approx(expected, abs=1e-6)
     assert content["metrics"]["n_held_out"] == len(held)
 
-    content, disclosure = dice_reply(store, plan, "siteA", weights, min_count=len(held) + 1)
+    content, disclosure = dice_reply(store, plan, study, "siteA", weights, min_count=len(held) + 1)
     check_reply(content, disclosure, len(held) + 1)
     assert math.isnan(content["metrics"]["dice"])
     assert "Dice withheld" in (store.path / "site.log").read_text()
@@ -260,8 +260,8 @@ def test_a_training_reply_carries_weights_and_four_scalars_that_pass_the_guard(s
     store = open_store(segmented["folder"] / "store")
     weights, _ = read_model(model)
     settings = {**SETTINGS, "local_epochs": 1}
-    plan = {"study": {"segment": settings, "sites": {"validation": []}}, "round": 3}
-    content, disclosure = train_reply(store, plan, "siteA", weights, min_count=2)
+    plan = {"round": 3}
+    content, disclosure = train_reply(store, plan, parse_study({"segment": settings}), "siteA", weights, min_count=2)
     check_reply(content, disclosure, 2)
     assert set(content["arrays"]) == set(weights)
     assert any(not np.allclose(content["arrays"][k].numpy(), weights[k]) for k in weights)

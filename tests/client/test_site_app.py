@@ -72,6 +72,16 @@ def test_site_minimum_overrides_a_lower_study_minimum(store):
     assert reply.has_error() and "min_count=25" in reply.error.reason
 
 
+def test_the_census_reports_each_sites_effective_minimum(store):
+    from fedrad.server.census import _public, _site_info
+
+    higher_at_site = app(_census_message(privacy={"min_count": 5}), _context(store, **{"min-count": 10}))
+    assert higher_at_site.content["counts"]["min_count"] == 10
+    assert _public(_site_info(higher_at_site.content))["min_count"] == 10  # what results.json shows of the site
+    higher_in_study = app(_census_message(privacy={"min_count": 7}), _context(store, **{"min-count": 3}))
+    assert _site_info(higher_in_study.content)["min_count"] == 7
+
+
 def test_per_patient_array_is_refused_before_it_leaves(store):
     def leak(store_, plan, study, site, min_count):
         y = store_.features.filter(like="__").to_numpy()

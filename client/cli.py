@@ -143,7 +143,7 @@ def validate(
     except FedradError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
-    from fedrad.server.report import write_validation_report
+    from fedrad.client.report import write_validation_report
 
     console.print(table_of(metrics_table(report), f"validation of study '{report['study']}' on {store}"))
     console.print(f"per-case predictions: {out / 'predictions.csv'} (they stay here); metrics: {out / 'metrics.json'}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedrad.client.metrics_table import CONSOLE, metrics_table as table_of_metrics
 from fedrad.client.site_cnn import write_cnn_outputs
 from fedrad.client.site_evaluate import metrics_reply, score_model
 from fedrad.client.site_harmonise import validate_reply
@@ -112,18 +113,7 @@ def validate(package: Path, store_path: Path, out: Path) -> dict:
 
 
 def metrics_table(report: dict) -> pd.DataFrame:
-    rows = []
-    for name, m in report["metrics"].items():
-        if not isinstance(m, dict):
-            continue
-        ci = m.get("c_index_ci") or [None, None]
-        study = report["study_metrics"].get("pooled", {}).get(name, {})
-        rows.append({"model": name, "cases": m["n"], "C-index": _fmt(m["c_index"]),
-                     "95% CI": f"{_fmt(ci[0])}-{_fmt(ci[1])}", "AUC": _fmt(m["auc"]),
-                     "cal. slope": _fmt(m["calibration_slope"]), "sens": _fmt(m["sensitivity"]),
-                     "spec": _fmt(m["specificity"]), "C (study, pooled training)": _fmt(study.get("c_index"))})
-    return pd.DataFrame(rows)
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    """This hospital's figures per model, with the study's pooled C of the training sites beside them."""
+    return table_of_metrics({SITE: report["metrics"], **report["study_metrics"]}, [SITE], ("cases", *CONSOLE),
+                            models=list(report["metrics"]),
+                            beside={"C (study, pooled training)": ("pooled", "c_index")})

@@ -7,9 +7,11 @@ way per site, Newton convergence per model (log-likelihood and max |Δβ| per it
 CNN's loss and validation C-index per round, privacy events (the sites' min-count refusals,
 ε spent per site under DP-SGD) and a link to ``report.html`` once the run has written it.
 
-Server-rendered: the HTML (charts are inline SVG drawn here) comes from one function,
-:func:`render_live`, and ten lines of inline JavaScript fetch it again every 1.5 s while the
-run is going, so nothing is loaded from anywhere else. ``/api/state`` is the same state as
+Server-rendered: the HTML comes from one function, :func:`render_live`, filling the autoescaped
+Jinja2 templates in templates/ (dashboard_live.html; charts are inline SVG whose geometry is
+computed here and drawn by chart.html), and ten lines of inline JavaScript in the page
+(dashboard.html) fetch it again every 1.5 s while the run is going, so nothing is loaded from
+anywhere else. ``/api/state`` is the same state as
 JSON. The run log is opened read-only for each request, in one read transaction (WAL gives a
 consistent snapshot while the ServerApp writes); a missing file or table means the run has
 not started yet, never an error page.
@@ -17,7 +19,6 @@ not started yet, never an error page.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -29,6 +30,9 @@ from collections import defaultdict, deque
 from contextlib import contextmanager
 from pathlib import Path
 
+from markupsafe import Markup
+
+from fedrad.client.report import template_environment
 from fedrad.common.errors import FedradError
 from fedrad.server.runlog import RUNLOG
 
@@ -272,16 +276,17 @@ def _label(value: float) -> str:
 
 
 def line_chart(chart_id: str, title: str, lines: dict[str, list], *, x_label: str = "round", y_label: str = "",
-               log_y: bool = False) -> str:
+               log_y: bool = False) -> Markup:
     """An inline SVG line chart: one line per key of ``lines`` (``[[x, y], ...]``; None/NaN points and, with
     ``log_y``, non-positive ones are left out). Every point is a ``<circle>`` with ``data-series``,
-    ``data-x`` and ``data-y`` (the value as drawn from), so tests and readers can count and check them."""
+    ``data-x`` and ``data-y`` (the value as drawn from), so tests and readers can count and check them.
+
+    The geometry is computed here; templates/chart.html draws it, escaping every label."""
     keep = {k: [(x, y) for x, y in pts if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
             for k, pts in lines.items()}
     keep = {k: pts for k, pts in keep.items() if pts}
-    head = f'<figure class="chart" id="{html.escape(chart_id)}"><figcaption>{html.escape(title)}</figcaption>'
     if not keep:
-        return head + '<p class="note">no points yet</p></figure>'
+        return Markup(_TEMPLATES.get_template("chart.html").render(chart_id=chart_id, title=title, series=[]))
     width, height, left, right, top, bottom = 470, 230, 62, 120, 10, 38
     xs = [x for pts in keep.values() for x, _ in pts]
     ys = [math.log10(y) if log_y else y for pts in keep.values() for _, y in pts]
@@ -300,82 +305,25 @@ def line_chart(chart_id: str, title: str, lines: dict[str, list], *, x_label: st
     def py(y):
         return top + plot_h - ((math.log10(y) if log_y else y) - y0) / (y1 - y0) * plot_h
 
-    parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'aria-label="{html.escape(title)}">',
-             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafbfc" stroke="#bbb"/>']
     x_ticks = [t for t in _ticks(x0, x1, 6) if float(t).is_integer()] or [x0, x1]
-    for t in x_ticks:
-        parts.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" '
-                     f'stroke="#888"/><text x="{px(t):.1f}" y="{top + plot_h + 16}" text-anchor="middle">'
-                     f'{int(t)}</text>')
     if log_y:
         y_ticks = [10.0 ** e for e in range(math.ceil(y0), math.floor(y1) + 1)] or [10 ** y0, 10 ** y1]
         y_ticks = y_ticks[::max(1, len(y_ticks) // 6)]
     else:
         y_ticks = _ticks(y0, y1)
-    for t in y_ticks:
-        y = py(t)
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6ea"/>'
-                     f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{_label(t)}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 4}" text-anchor="middle">'
-                 f'{html.escape(x_label)}</text>')
-    if y_label:
-        parts.append(f'<text transform="translate(12 {top + plot_h / 2:.0f}) rotate(-90)" text-anchor="middle">'
-                     f'{html.escape(y_label)}{" (log scale)" if log_y else ""}</text>')
-    for i, (key, pts) in enumerate(keep.items()):
-        colour, name = PALETTE[i % len(PALETTE)], html.escape(str(key))
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
-        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}" data-series="{name}" '
-                  f'data-x="{x}" data-y="{y!r}"><title>{name}: {x_label} {x}, {_label(y)}</title></circle>'
-                  for x, y in pts]
-        ly = top + 12 + 16 * i
-        parts.append(f'<line x1="{left + plot_w + 10}" x2="{left + plot_w + 26}" y1="{ly - 4}" y2="{ly - 4}" '
-                     f'stroke="{colour}" stroke-width="2"/><text x="{left + plot_w + 30}" y="{ly}">{name}</text>')
-    return head + "".join(parts) + "</svg></figure>"
+    series = [{"name": str(key), "colour": PALETTE[i % len(PALETTE)], "legend_y": top + 12 + 16 * i,
+               "points": " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts),
+               "circles": [(px(x), py(y), x, y) for x, y in pts]} for i, (key, pts) in enumerate(keep.items())]
+    return Markup(_TEMPLATES.get_template("chart.html").render(
+        chart_id=chart_id, title=title, x_label=x_label, y_label=y_label, log_y=log_y, width=width, height=height,
+        left=left, top=top, plot_w=plot_w, plot_h=plot_h, series=series,
+        x_ticks=[(px(t), int(t)) for t in x_ticks], y_ticks=[(py(t), t) for t in y_ticks]))
 
 
 # --------------------------------------------------------------------------------------------- HTML
 
-STYLE = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 1.2em auto; max-width: 1200px;
-       color: #222; padding: 0 1em; }
-h1 { font-size: 1.4em; border-bottom: 2px solid #345; margin-bottom: 0.3em; }
-h2 { font-size: 1.1em; margin-top: 1.4em; border-bottom: 1px solid #bbb; }
-table { border-collapse: collapse; font-size: 0.86em; margin: 0.4em 0; }
-th, td { border: 1px solid #d5d9de; padding: 2px 7px; text-align: left; vertical-align: top; }
-th { background: #eef2f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.note { color: #666; font-size: 0.88em; } .charts { display: flex; flex-wrap: wrap; gap: 1em; }
-figure.chart { margin: 0; } figcaption { font-size: 0.9em; font-weight: 600; }
-svg text { font-size: 10px; fill: #333; }
-.status-running, .status-in-progress, .status-pending, .status-waiting { color: #b35900; font-weight: 600; }
-.status-done, .status-completed, .status-answered { color: #1a7f37; }
-.status-failed, .status-interrupted, .status-unanswered { color: #c62828; font-weight: 600; }
-.status-skipped, .status-not-run { color: #666; }
-.phase { display: inline-block; padding: 1px 8px; border-radius: 3px; background: #eef2f5; }
-.cell-site { white-space: nowrap; } .reason { color: #c62828; }
-.rounds { max-height: 420px; overflow-y: auto; display: inline-block; }
-"""
-
-SCRIPT = """
-(function () {
-  var live = document.getElementById("live"), conn = document.getElementById("conn"), last = null;
-  function tick() {
-    fetch("fragment", {cache: "no-store"}).then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
-      .then(function (text) { if (text !== last) { live.innerHTML = text; last = text; } conn.textContent = ""; })
-      .catch(function () { conn.textContent = "the dashboard server does not answer; trying again"; })
-      .then(function () {
-        var phase = (live.querySelector("[data-phase]") || {dataset: {}}).dataset.phase;
-        setTimeout(tick, phase === "running" || phase === "waiting" || phase === "unreadable" ? %d : %d);
-      });
-  }
-  setTimeout(tick, %d);
-})();
-""" % (POLL_MS, IDLE_POLL_MS, POLL_MS)
-
-
-def _e(value) -> str:
-    return html.escape("" if value is None else str(value))
+#: a site's part in a round, as the rounds table marks it
+MARKS = {"answered": "✓", "failed": "✗", "pending": "…", "unanswered": "✗"}
 
 
 def _css(status: str) -> str:
@@ -399,154 +347,41 @@ def _clock(t) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t)) if t else ""
 
 
-def _header(state: dict) -> str:
-    run = state["run"]
-    phase = f'<span class="phase {_css(state["phase"])}" id="phase">{_e(state["phase"])}</span>'
-    if run is None:
-        return (f'<p data-phase="{_e(state["phase"])}">{phase} {_e(state["message"])} '
-                f'(run directory {_e(state["run_dir"])}).</p>')
-    earlier = f"; {state['runs'] - 1} earlier run(s) in this directory" if state["runs"] > 1 else ""
-    detail = f'<p class="reason">{_e(run["detail"])}</p>' if run["detail"] else ""
-    return (f'<p data-phase="{_e(state["phase"])}">Study <b>{_e(run["study"])}</b>, Flower run {_e(run["run_id"])}: '
-            f'{phase}, started {_clock(run["started"])}, {_seconds(run["seconds"])} so far'
-            f'{" (ended " + _clock(run["ended"]) + ")" if run["ended"] else ""}{earlier}.</p>{detail}')
+#: the page, its live part and the charts: templates/dashboard*.html and chart.html, autoescaped
+_TEMPLATES = template_environment(Path(__file__).with_name("templates"))
+_TEMPLATES.filters.update(css=_css, size=_bytes, seconds=_seconds, clock=_clock, label=_label)
+_TEMPLATES.globals.update(MARKS=MARKS, POLL_MS=POLL_MS, IDLE_POLL_MS=IDLE_POLL_MS, ROUNDS_SHOWN=ROUNDS_SHOWN)
 
 
-def _report_link(state: dict) -> str:
-    report = state["report"]
-    if not report["exists"]:
-        when = "when the run ends" if state["phase"] in ("running", "waiting") else "at the end of a run"
-        return f'<p id="report" class="note">No report yet: report.html is written to the run directory {when}.</p>'
-    older = " (from an earlier run: this one is still going)" if state["phase"] == "running" else ""
-    return (f'<p id="report"><a id="report-link" href="{_e(report["url"])}" target="_blank">Study report</a>'
-            f'{older}, written {_clock(report["modified"])}; results.json is beside it in the run directory.</p>')
-
-
-def _stages_table(stages: list[dict]) -> str:
-    if not stages:
-        return '<p class="note">no stage has started yet</p>'
-    rows = "".join(
-        f'<tr data-stage="{_e(s["stage"])}" data-status="{_e(s["status"])}"><td>{_e(s["stage"])}</td>'
-        f'<td class="status {_css(s["status"])}">{_e(s["status"])}</td>'
-        f'<td class="num duration" data-seconds="{_e(s["seconds"])}">{_seconds(s["seconds"])}</td>'
-        f'<td class="num">{_e(s["rounds"] or "")}</td><td>{_e(s["detail"])}</td></tr>' for s in stages)
-    return ('<table id="stages"><tr><th>stage</th><th>status</th><th>duration</th><th>round trips</th>'
-            f'<th>detail</th></tr>{rows}</table>')
-
-
-def _sites_table(sites: list[dict]) -> str:
-    if not sites:
-        return '<p class="note">no message has been sent yet</p>'
-    rows = "".join(
-        f'<tr data-site="{_e(s["site"])}"><td>{_e(s["site"])}</td><td class="num">{s["answered"]}</td>'
-        f'<td class="num">{s["failed"]}</td><td class="num">{s["pending"]}</td>'
-        f'<td class="num bytes-out" data-bytes="{s["bytes_out"]}" title="{s["bytes_out"]} bytes">'
-        f'{_bytes(s["bytes_out"])}</td>'
-        f'<td class="num bytes-in" data-bytes="{s["bytes_in"]}" title="{s["bytes_in"]} bytes">'
-        f'{_bytes(s["bytes_in"])}</td></tr>' for s in sites)
-    return ('<table id="sites"><tr><th>site</th><th>answered</th><th>failed</th><th>pending</th>'
-            f'<th>bytes to site</th><th>bytes from site</th></tr>{rows}</table>'
-            '<p class="note">A site is named by its Flower node until the census has learnt its name.</p>')
-
-
-def _site_cell(s: dict) -> str:
-    mark = {"answered": "✓", "failed": "✗", "pending": "…", "unanswered": "✗"}.get(s["status"], "?")
-    took = f", {_seconds(s['seconds'])}" if s["seconds"] is not None and s["status"] != "pending" else ""
-    reason = f'<br><span class="reason">{_e(s["reason"])}</span>' if s["status"] in ("failed", "unanswered") \
-        else ""
-    return (f'<div class="cell-site" data-site="{_e(s["site"])}" data-status="{_e(s["status"])}">'
-            f'<span class="{_css(s["status"])}">{mark} {_e(s["site"])}</span> '
-            f'<span class="note">{_bytes(s["bytes_out"])} ↓ {_bytes(s["bytes_in"])} ↑{took}</span>{reason}</div>')
-
-
-def _rounds_table(rounds: list[dict]) -> str:
-    if not rounds:
-        return '<p class="note">no round has started yet</p>'
-    shown = rounds[::-1][:ROUNDS_SHOWN]
-    rows = "".join(
-        f'<tr data-stage="{_e(r["stage"])}" data-round="{r["round"]}" data-status="{_e(r["status"])}">'
-        f'<td>{_e(r["stage"])}</td><td class="num">{r["round"]}</td><td>{_e(r["message_type"])}</td>'
-        f'<td class="{_css(r["status"])}">{_e(r["status"])}</td><td class="num">{_seconds(r["seconds"])}</td>'
-        f'<td class="num">{r["answered"]}/{r["asked"]}</td><td>{"".join(_site_cell(s) for s in r["sites"])}</td>'
-        f'</tr>' for r in shown)
-    more = f'<p class="note">the latest {ROUNDS_SHOWN} of {len(rounds)} rounds; all are in api/state</p>' \
-        if len(rounds) > ROUNDS_SHOWN else ""
-    return ('<div class="rounds"><table id="rounds"><tr><th>stage</th><th>round</th><th>message</th><th>status</th>'
-            '<th>took</th><th>answered</th><th>sites (↓ to site, ↑ from site)</th></tr>'
-            f'{rows}</table></div>{more}')
-
-
-def _newton_section(newton: dict) -> str:
-    if not newton:
-        return '<p class="note">no Newton iteration yet (stage fit)</p>'
-    loglik = {m: v["loglik"] for m, v in newton.items()}
-    step = {m: v["step"] for m, v in newton.items()}
-    counts = ", ".join(f"{_e(m)}: {len(v['loglik'])}" for m, v in newton.items())
-    charts = [line_chart("newton-loglik", "Log-likelihood per Newton iteration", loglik, x_label="iteration",
-                         y_label="log-likelihood"),
-              line_chart("newton-step", "Largest |Δβ| per Newton iteration", step, x_label="iteration",
-                         y_label="max |Δβ|", log_y=True)]
-    return (f'<div class="charts">{"".join(charts)}</div><p class="note">Iterations (one round trip each) per '
-            f'model: {counts}. Each model is fitted in turn; a model refitted after a site dropped out shows its '
-            'latest attempt.</p>')
-
-
-def _cnn_section(cnn: dict) -> str:
-    if not set(cnn) - {"dp_epsilon"}:
-        return '<p class="note">no CNN round yet (stage train_cnn)</p>'
-    val_loss = {**cnn.get("val_loss", {}), "case-weighted mean": cnn.get("val_loss_mean", {}).get("all", [])}
-    charts = [line_chart("cnn-loss", "Training loss per site", cnn.get("loss", {}), y_label="loss"),
-              line_chart("cnn-val-loss", "Validation loss of the global model", val_loss, y_label="loss"),
-              line_chart("cnn-c-index", "Validation C-index per site", cnn.get("val_c_index", {}), y_label="C-index")]
-    return f'<div class="charts">{"".join(charts)}</div>'
-
-
-def _privacy_section(privacy: dict, cnn: dict) -> str:
-    parts = [f'<p>Every site refuses a reply computed from fewer than min_count = {_e(privacy["min_count"])} cases '
-             '(or with a smaller subgroup); a refusal never states the count.</p>']
-    if privacy["refusals"]:
-        rows = "".join(f'<tr data-site="{_e(r["site"])}"><td>{_e(r["site"])}</td><td>{_e(r["stage"])}</td>'
-                       f'<td class="num">{r["round"]}</td><td>{_e(r["reason"])}</td></tr>' for r in privacy["refusals"])
-        parts.append('<table id="refusals"><tr><th>site</th><th>stage</th><th>round</th><th>refusal</th></tr>'
-                     f'{rows}</table>')
-    else:
-        parts.append('<p class="note" id="refusals">no refusal so far</p>')
-    if privacy["epsilon"]:
-        budget = privacy["epsilon_budget"]
-        rows = "".join(f'<tr data-site="{_e(s)}"><td>{_e(s)}</td><td class="num">{_label(e)}</td></tr>'
-                       for s, e in privacy["epsilon"].items())
-        parts.append(f'<table id="epsilon"><tr><th>site</th><th>ε spent (DP-SGD)</th></tr>{rows}</table>'
-                     f'<p class="note">budget: {"none set" if budget is None else "ε = " + _label(budget)}</p>')
-        parts.append(line_chart("cnn-epsilon", "ε spent per site", cnn.get("dp_epsilon", {}), y_label="ε"))
-    else:
-        parts.append('<p class="note">no differentially private training in this run (no ε to account)</p>')
-    return "".join(parts)
+def _charts(state: dict) -> dict:
+    """The live part's charts (none for a part with no points: the template says so instead)."""
+    newton, cnn = state["newton"], state["cnn"]
+    charts = {"newton": [], "cnn": [], "epsilon": None}
+    if newton:
+        charts["newton"] = [
+            line_chart("newton-loglik", "Log-likelihood per Newton iteration",
+                       {m: v["loglik"] for m, v in newton.items()}, x_label="iteration", y_label="log-likelihood"),
+            line_chart("newton-step", "Largest |Δβ| per Newton iteration", {m: v["step"] for m, v in newton.items()},
+                       x_label="iteration", y_label="max |Δβ|", log_y=True)]
+    if set(cnn) - {"dp_epsilon"}:
+        val_loss = {**cnn.get("val_loss", {}), "case-weighted mean": cnn.get("val_loss_mean", {}).get("all", [])}
+        charts["cnn"] = [
+            line_chart("cnn-loss", "Training loss per site", cnn.get("loss", {}), y_label="loss"),
+            line_chart("cnn-val-loss", "Validation loss of the global model", val_loss, y_label="loss"),
+            line_chart("cnn-c-index", "Validation C-index per site", cnn.get("val_c_index", {}), y_label="C-index")]
+    if state["privacy"]["epsilon"]:
+        charts["epsilon"] = line_chart("cnn-epsilon", "ε spent per site", cnn.get("dp_epsilon", {}), y_label="ε")
+    return charts
 
 
 def render_live(state: dict) -> str:
     """The page's live part (``/fragment``; the page embeds it and the script swaps it)."""
-    if state["run"] is None:
-        return _header(state) + _report_link(state)
-    parts = [_header(state), _report_link(state),
-             "<h2>Stages</h2>", _stages_table(state["stages"]),
-             "<h2>Sites</h2>", _sites_table(state["sites"]),
-             "<h2>Rounds</h2>", _rounds_table(state["rounds"])]
-    if state["newton"] or "fit" in state["planned"]:
-        parts += ["<h2>Newton convergence</h2>", _newton_section(state["newton"])]
-    if set(state["cnn"]) - {"dp_epsilon"} or "train_cnn" in state["planned"]:
-        parts += ["<h2>CNN training</h2>", _cnn_section(state["cnn"])]
-    parts += ["<h2>Privacy</h2>", _privacy_section(state["privacy"], state["cnn"])]
-    return "".join(parts)
+    return _TEMPLATES.get_template("dashboard_live.html").render(state=state, charts=_charts(state))
 
 
 def render_page(state: dict) -> str:
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>fedrad dashboard: {_e(Path(state['run_dir']).name)}</title><style>{STYLE}</style></head><body>"
-            f"<h1>fedrad dashboard</h1><p class='note'>Run directory {_e(state['run_dir'])}; refreshed every "
-            f"{POLL_MS / 1000:g} s while a run is going. <span id='conn' class='reason'></span></p>"
-            f"<div id='live'>{render_live(state)}</div>"
-            "<noscript><p class='note'>JavaScript is off: reload the page to update it.</p></noscript>"
-            f"<script>{SCRIPT}</script></body></html>")
+    return _TEMPLATES.get_template("dashboard.html").render(state=state, charts=_charts(state),
+                                                            run_name=Path(state["run_dir"]).name)
 
 
 # --------------------------------------------------------------------------------------------- app
@@ -584,8 +419,9 @@ def create_app(run_dir: Path):
     def report():
         path = run_dir / REPORT
         if not path.is_file():
-            return HTMLResponse(f"<p>No report yet: {REPORT} is written to {html.escape(str(run_dir))} when a run "
-                                "ends.</p>", status_code=404, headers=no_store)
+            return HTMLResponse(_TEMPLATES.get_template("dashboard_no_report.html").render(report=REPORT,
+                                                                                           run_dir=run_dir),
+                                status_code=404, headers=no_store)
         return FileResponse(path, media_type="text/html", headers=no_store)
 
     return app

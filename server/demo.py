@@ -20,6 +20,7 @@ from rich.table import Table
 from sksurv.metrics import concordance_index_censored
 
 from fedrad.client.extraction import default_params_path
+from fedrad.client.metrics_table import CONSOLE, metrics_table, study_sites
 from fedrad.client.prepare import prepare_from_manifest
 from fedrad.client.synth import generate_cohort
 from fedrad.client.cli import table_of
@@ -113,26 +114,9 @@ def demo_study(validation: list[str]) -> str:
 
 def evaluation_table(results: dict) -> pd.DataFrame:
     """C-index (95% CI), AUC at the evaluation horizon and calibration slope per model and site."""
-    evaluation = results["evaluation"]
     settings = results["evaluation_settings"]
-    order = settings["training_sites"] + ["pooled"] + settings["validation_sites"]
-    rows = []
-    for model in results["models"]:
-        for site in order:
-            m = evaluation.get(site, {}).get(model)
-            if not m:
-                continue
-            ci = m.get("c_index_ci") or [None, None]
-            rows.append({"model": model, "site": site,
-                         "role": "training" if site in settings["training_sites"] or site == "pooled" else "validation",
-                         "C-index": _fmt(m["c_index"]), "95% CI": f"{_fmt(ci[0])}-{_fmt(ci[1])}",
-                         "AUC": _fmt(m["auc"]), "cal. slope": _fmt(m["calibration_slope"]),
-                         "sens": _fmt(m["sensitivity"]), "spec": _fmt(m["specificity"])})
-    return pd.DataFrame(rows)
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    return metrics_table(results["evaluation"], study_sites(settings), ("site", "role", *CONSOLE),
+                         models=list(results["models"]), training=settings["training_sites"])
 
 
 DEMO_STUDY = """\

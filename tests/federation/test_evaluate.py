@@ -191,7 +191,7 @@ def test_validate_refuses_other_extraction_settings_and_missing_features(evaluat
 
 
 def test_report_is_one_self_contained_html_file(evaluated, tmp_path):
-    from fedrad.server.report import write_validation_report
+    from fedrad.client.report import write_validation_report
 
     _, stores, results, run = evaluated
     text = (run / "report.html").read_text(encoding="utf-8")

@@ -24,7 +24,7 @@ from fedrad.common import schemas
 from fedrad.common.cox import site_cox_baseline, site_cox_event_times, site_cox_newton, site_cox_risk_sets
 from fedrad.common.errors import FedradError, StoreError
 from fedrad.common.messages import arrays_record
-from fedrad.common.penalised import site_fold_ids
+from fedrad.common.penalised import HELDOUT, site_fold_ids, site_path_summary
 
 
 def model_table(store: FeatureStore, plan: dict) -> pd.DataFrame:
@@ -117,9 +117,7 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
     ids, X, outcome, left_out = model_inputs(store, plan, site)
     model = plan["model"]
     points = arrays["points"]  # (F, U, p)
-    n_cv = int(plan["cv_folds"])
-    stratify = outcome[-1]
-    folds = site_fold_ids(len(ids), n_cv, model["seed"], site, stratify=stratify) if n_cv else np.zeros(len(ids), int)
+    folds = site_fold_ids(len(ids), int(plan["cv_folds"]), model["seed"], site, stratify=outcome[-1])
     n_folds, n_points, p = points.shape
     # univariate screens: point u uses only the columns subsets[u] (its β padded with zeros to p)
     subsets = plan.get("subsets") or [list(range(p))] * n_points
@@ -138,21 +136,16 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
 
         return site_logistic_newton(x, outcome[0][rows], beta)
 
-    everyone = np.arange(len(ids))
-    for f in range(n_folds):
-        train = everyone if f == n_folds - 1 else everyone[folds != f]
+    for f in range(n_folds):  # the last fold is all rows
         for u in range(n_points):
             columns = subsets[u]
             k = len(columns)
             beta = points[f, u, :k]
-            s = summary(train, beta, columns)
-            loglik[f, u], grad[f, u, :k], hess[f, u, :k, :k] = s.loglik, s.grad, s.hess
-            n_train[f], events[f] = s.n, s.events
-            if f < n_folds - 1:
-                if model["kind"] == "cox":  # Verweij & van Houwelingen: ℓ_all(β) - ℓ_train(β)
-                    heldout[f, u] = summary(everyone, beta, columns).loglik - s.loglik
-                else:
-                    heldout[f, u] = summary(everyone[folds == f], beta, columns).loglik
+            s = site_path_summary(lambda rows: summary(rows, beta, columns), folds, f, n_folds - 1,
+                                  HELDOUT[model["kind"]])
+            loglik[f, u], grad[f, u, :k], hess[f, u, :k, :k] = s.train.loglik, s.train.grad, s.train.hess
+            n_train[f], events[f] = s.train.n, s.train.events
+            heldout[f, u] = s.heldout
     groups = {f"fold {k} held-out": int(np.sum(folds == k)) for k in range(n_folds - 1)}
     groups["cases without the outcome"] = left_out
     content = RecordDict({"arrays": arrays_record(loglik=loglik, grad=grad, hess=hess, heldout=heldout,

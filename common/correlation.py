@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedrad.common.errors import FedradError
+from fedrad.common.zscore import pool_moments
 
 __all__ = ["CorrelationInputError", "CrossProducts", "site_correlation", "combine_correlation",
            "update_correlation", "relevance_from_statistic", "mrmr"]
@@ -85,10 +86,8 @@ def combine_correlation(parts: list[CrossProducts]) -> CrossProducts:
     shapes = {p.mean.shape for p in parts}
     if len(shapes) > 1:
         raise CorrelationInputError(f"sites sent different numbers of features: {sorted(s[0] for s in shapes)}")
-    n = sum(p.n for p in parts)
-    mean = sum(p.n * p.mean for p in parts) / n
-    m = sum(p.m + p.n * np.outer(p.mean - mean, p.mean - mean) for p in parts)
-    return CrossProducts(n=n, mean=mean, m=m)
+    pooled = pool_moments([p.n for p in parts], [p.mean for p in parts], [p.m for p in parts], outer=True)
+    return CrossProducts(n=pooled.n, mean=pooled.mean, m=pooled.m2)
 
 
 def update_correlation(total: CrossProducts, *, feature_names: list[str] | None = None) -> np.ndarray:

@@ -29,15 +29,14 @@ arrays (``Surv.from_arrays(event, time)``).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from fedrad.common.errors import FedradError
-from fedrad.common.newton import (ConvergenceWarning, NewtonSummary, combine_newton, start_newton, update_newton,
-                           wald_table)
+from fedrad.common.newton import NewtonSummary, combine_newton, newton_fit, wald_table
+from fedrad.common.penalised import FederatedNetCV, NetProblem
 
 __all__ = ["RiskSetSums", "site_cox_event_times", "combine_cox_event_times", "site_cox_risk_sets",
            "combine_cox_risk_sets", "cox_newton_from_risk_sets", "site_cox_newton", "cox_summary", "site_cox_baseline",
@@ -233,12 +232,9 @@ class FederatedCoxPH:
         def evaluate(beta):
             return cox_summary(X, time, event, list(groups.values()), beta, ties=self.ties, grid=grid)
 
-        state = start_newton(X.shape[1])
-        while not state.converged and state.iteration < self.max_iter:
-            state = update_newton(state, evaluate(state.beta), ridge=self.ridge, tol=self.tol, names=names)
-        if not state.converged:
-            warnings.warn(f"Cox Newton did not converge in {self.max_iter} iterations", ConvergenceWarning,
-                          stacklevel=2)
+        state = newton_fit(evaluate, X.shape[1], ridge=self.ridge, tol=self.tol, max_iter=self.max_iter, names=names,
+                           message=lambda *_: f"Cox Newton did not converge in {self.max_iter} iterations",
+                           stacklevel=3)
         self.coef_ = state.beta
         final = evaluate(self.coef_)
         self.loglik_ = final.loglik
@@ -265,7 +261,7 @@ class FederatedCoxPH:
         return concordance_index_censored(event, time, self.predict(X))[0]
 
 
-class FederatedCoxnetCV:
+class FederatedCoxnetCV(FederatedNetCV):
     """Elastic-net Cox path with site-local K-fold cross-validation (see :mod:`fedrad.common.penalised`).
 
     Parameters
@@ -282,58 +278,41 @@ class FederatedCoxnetCV:
     n_rounds_ : round trips a federation needs (all folds and λ share each round).
     """
 
+    kind = "cox"
+
     def __init__(self, *, l1_ratio: float = 1.0, alphas=None, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
                  cv: int = 5, rule: str = "min", ties: str = "breslow", share_event_times: bool = False,
                  seed: int = 0, tol: float = 1e-9):
-        self.l1_ratio = l1_ratio
-        self.alphas = alphas
-        self.n_alphas = n_alphas
-        self.alpha_min_ratio = alpha_min_ratio
-        self.cv = cv
-        self.rule = rule
+        super().__init__(l1_ratio=l1_ratio, alphas=alphas, n_alphas=n_alphas, alpha_min_ratio=alpha_min_ratio, cv=cv,
+                         rule=rule, seed=seed, tol=tol)
         self.ties = ties
         self.share_event_times = share_event_times
-        self.seed = seed
-        self.tol = tol
 
-    def fit(self, X, y, *, site=None):
-        from fedrad.common.penalised import Penalty, PathSummary, path_choice, run_path, site_fold_ids
-
+    def _problem(self, X, y, site) -> NetProblem:
         X, event, time, names, groups = FederatedCoxPH(ties=self.ties)._check(X, y, site)
         self.feature_names_in_ = np.array(names, dtype=object)
-        folds = np.empty(len(X), dtype=int)
-        for label, rows in groups.items():
-            folds[rows] = site_fold_ids(len(rows), self.cv, self.seed, label, stratify=event[rows]) if self.cv else 0
-        n_folds = self.cv + 1  # CV folds, then all data
-        grid = combine_cox_event_times([site_cox_event_times(time[g], event[g]) for g in groups.values()]) \
-            if self.share_event_times else None
+        if self.share_event_times:  # one baseline hazard: the likelihood is not a sum over sites
+            grid = combine_cox_event_times([site_cox_event_times(time[g], event[g]) for g in groups.values()])
 
-        def loglik(rows_by_site, beta):
-            return cox_summary(X, time, event, rows_by_site, beta, ties=self.ties, grid=grid)
+            def pooled(rows, beta):
+                member = np.zeros(len(X), dtype=bool)
+                member[rows] = True
+                return cox_summary(X, time, event, [g[member[g]] for g in groups.values()], beta, ties=self.ties,
+                                   grid=grid)
 
-        def train_rows(f):
-            return [g if f == self.cv else g[folds[g] != f] for g in groups.values()]
+            units = [(np.arange(len(X)), pooled)]
+        else:
+            def stratum(rows, beta):
+                return site_cox_newton(X[rows], time[rows], event[rows], beta, ties=self.ties)
 
-        def evaluate(points):
-            out = {}
-            for f in range(points.shape[0]):
-                for u in range(points.shape[1]):
-                    beta = points[f, u]
-                    train = loglik(train_rows(f), beta)
-                    heldout = 0.0 if f == self.cv else loglik(list(groups.values()), beta).loglik - train.loglik
-                    out[(f, u)] = PathSummary(train=train, heldout=heldout)
-            return out
+            units = [(g, stratum) for g in groups.values()]
+        p = X.shape[1]
+        return NetProblem(groups=groups, stratify=event, units=units, factors=np.ones(p), beta0=np.zeros(p),
+                          alphas=self.alphas)
 
-        state = run_path(evaluate, n_folds, Penalty(self.l1_ratio, np.ones(X.shape[1])), np.zeros(X.shape[1]),
-                         lambdas=self.alphas, n_lambdas=self.n_alphas, min_ratio=self.alpha_min_ratio, tol=self.tol)
-        self.alphas_ = state.lambdas
-        self.coef_path_ = state.best_beta[-1]
-        self.n_rounds_ = state.iteration  # one evaluation (round trip) per iteration
-        chosen, self.cv_deviance_, self.cv_mean_, self.cv_se_ = path_choice(state, self.rule)
-        self.alpha_ = float(self.alphas_[chosen])
+    def _store(self, path, chosen):
+        self.coef_path_ = path
         self.coef_ = self.coef_path_[chosen]
-        self.folds_ = folds
-        return self
 
     def predict(self, X) -> np.ndarray:
         return np.asarray(X, dtype=float) @ self.coef_

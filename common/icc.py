@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedrad.common.errors import FedradError
+from fedrad.common.zscore import pool_moments
 
 __all__ = ["IccInputError", "IccSums", "IccAnova", "site_icc", "combine_icc", "icc_anova", "update_icc", "ICC_KINDS"]
 
@@ -145,13 +146,15 @@ def combine_icc(parts: list[IccSums]) -> IccSums:
     if len(shapes) > 1:
         raise IccInputError(f"sites sent different (k, n_features) shapes: {sorted(shapes)}")
     k = parts[0].k
-    n = sum(p.n for p in parts)
-    rater_mean = sum(p.n * p.rater_mean for p in parts) / n
-    grand = rater_mean.mean(axis=0)
-    ss_cases = sum(p.ss_cases + k * p.n * (p.rater_mean.mean(axis=0) - grand) ** 2 for p in parts)
-    ss_error = sum(p.ss_error + p.n * (((p.rater_mean - p.rater_mean.mean(axis=0)) - (rater_mean - grand)) ** 2)
-                   .sum(axis=0) for p in parts)
-    return IccSums(n=n, rater_mean=rater_mean, ss_cases=ss_cases, ss_error=ss_error)
+    counts = [p.n for p in parts]
+    site_grand = [p.rater_mean.mean(axis=0) for p in parts]  # m_s
+    raters = pool_moments(counts, [p.rater_mean for p in parts])
+    # SS_R: the case means' deviations, each site's mean m_s standing for k·n_s values
+    cases = pool_moments([k * c for c in counts], site_grand, [p.ss_cases for p in parts])
+    # SS_E: the deviations of the measurement effects c_sj - m_s from the pooled ones c_j - g
+    effects = pool_moments(counts, [p.rater_mean - m for p, m in zip(parts, site_grand)])
+    ss_error = sum(p.ss_error for p in parts) + effects.m2.sum(axis=0)
+    return IccSums(n=raters.n, rater_mean=raters.mean, ss_cases=cases.m2, ss_error=ss_error)
 
 
 def icc_anova(total: IccSums) -> IccAnova:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import replace
 from numbers import Integral, Real
 
@@ -65,16 +64,17 @@ from sklearn.utils._param_validation import Interval, Options, StrOptions
 from fedrad.common.errors import FedradError
 from fedrad.common.newton import (
     ConvergenceError,
-    ConvergenceWarning,
     NewtonState,
     NewtonSummary,
     combine_newton,
-    start_newton,
+    newton_fit,
     update_newton,
     wald_table,
 )
+from fedrad.common.penalised import FederatedNetCV, NetProblem
 
 __all__ = ["SeparationError", "LogisticInputError", "site_logistic_newton", "update_logistic_newton",
+           "logistic_null_intercept", "logistic_null_loglik",
            "FederatedLogisticRegression", "FederatedLogisticNetCV", "DEVIANCE_SEPARATION", "STEP_RATIO_SEPARATION",
            "INTERCEPT"]
 
@@ -138,6 +138,16 @@ def site_logistic_newton(X: np.ndarray, y: np.ndarray, beta: np.ndarray) -> Newt
     weight = prob * expit(-eta)
     return NewtonSummary(loglik=loglik, grad=X.T @ (y - prob), hess=-(X.T * weight) @ X, n=int(X.shape[0]),
                          events=int(y.sum()))
+
+
+def logistic_null_intercept(n: int, events: int) -> float:
+    """Intercept of the intercept-only model: ``logit(events / n)``."""
+    return float(np.log(events / (n - events)))
+
+
+def logistic_null_loglik(n: int, events: int) -> float:
+    """Log-likelihood of the intercept-only model (statsmodels' ``llnull``): ``n₁ log(n₁/n) + n₀ log(n₀/n)``."""
+    return float(sum(k * np.log(k / n) for k in (events, n - events)))
 
 
 def _penalise(total: NewtonSummary, beta: np.ndarray, ridge: float, intercept: bool) -> NewtonSummary:
@@ -257,6 +267,16 @@ def _checked_inputs(estimator, X, y) -> tuple[np.ndarray, np.ndarray, int]:
         raise LogisticInputError(f"all {n} outcomes are {int(y[0]) if n else 0}; logistic regression needs both "
                                  "classes")
     return values, y, events
+
+
+def _site_groups(site, n: int) -> dict:
+    """{site label: row indices}, in order of first appearance (default: one site, label 0)."""
+    if site is None:
+        return {0: np.arange(n)}
+    site = np.asarray(site)
+    if site.shape != (n,):
+        raise LogisticInputError(f"X has {n} rows but site has shape {site.shape}")
+    return {s: np.flatnonzero(site == s) for s in dict.fromkeys(site.tolist())}
 
 
 class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
@@ -394,44 +414,42 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
         """
         values, y, events = _checked_inputs(self, X, y)
         n, n_features = values.shape
-        if site is None:
-            groups = [np.arange(n)]
-        else:
-            site = np.asarray(site)
-            if site.shape != (n,):
-                raise LogisticInputError(f"X has {n} rows but site has shape {site.shape}")
-            groups = [np.flatnonzero(site == s) for s in dict.fromkeys(site.tolist())]
+        groups = list(_site_groups(site, n).values())
         design = self._design(values)
         names = ([INTERCEPT] if self.fit_intercept else []) + self._names(n_features)
         rows = [(design[g], y[g]) for g in groups]
 
+        started = [0.0]
+
         def evaluate(beta):
+            started[0] = time.perf_counter()
             return combine_newton([site_logistic_newton(Xs, ys, beta) for Xs, ys in rows])
 
         p = design.shape[1]
         bytes_per_round = len(rows) * 8 * (p + p * p + 3)
-        state, previous = start_newton(p), None
-        while not state.converged and state.iteration < self.max_iter:
-            started = time.perf_counter()
-            before = state
-            state = update_logistic_newton(state, evaluate(state.beta), ridge=self.ridge, tol=self.tol,
-                                           intercept=self.fit_intercept, names=names)
-            if state.iteration > before.iteration:
-                previous = before
+
+        def step(state, total):
+            return update_logistic_newton(state, total, ridge=self.ridge, tol=self.tol, intercept=self.fit_intercept,
+                                          names=names)
+
+        def log_round(state):
             entry = state.history[-1]
             logger.debug("round %d: loglik %.10g, |dbeta| %s, decrement %.3g, %.3f s, %d bytes", entry["iteration"],
-                         entry["loglik"], entry["step"], entry["decrement"], time.perf_counter() - started,
+                         entry["loglik"], entry["step"], entry["decrement"], time.perf_counter() - started[0],
                          bytes_per_round)
-        if not state.converged:
+
+        def not_converged(state, previous):
             hint = ""
             if not self.ridge and _step_is_diverging(state, previous):
                 hint = ("; its steps were not shrinking, as under separation: "
                         + _growing_columns(_last_step(state), state.beta, names, self.fit_intercept))
             last = state.history[-1]["step"]
             last = f"{last:.3g}" if isinstance(last, float) else last
-            warnings.warn(f"Newton did not converge in {self.max_iter} iterations (last step {last}){hint}; "
-                          "increase max_iter or set a ridge penalty",
-                          ConvergenceWarning, stacklevel=2)
+            return (f"Newton did not converge in {self.max_iter} iterations (last step {last}){hint}; "
+                    "increase max_iter or set a ridge penalty")
+
+        state = newton_fit(evaluate, p, max_iter=self.max_iter, step=step, on_step=log_round, message=not_converged,
+                           stacklevel=3)
         beta = state.beta
         final = evaluate(beta)
         pen = _penalise(final, beta, self.ridge, self.fit_intercept)
@@ -442,7 +460,7 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
         self.converged_ = bool(state.converged)
         self.loglik_ = final.loglik
         if self.fit_intercept:
-            self.loglik_null_ = float(sum(k * np.log(k / n) for k in (events, n - events)))
+            self.loglik_null_ = logistic_null_loglik(n, events)
         else:
             self.loglik_null_ = float(state.loglik_null)
         self.hessian_ = pen.hess
@@ -477,7 +495,7 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
         return float(roc_auc_score(self._outcome(y, len(eta)), eta, sample_weight=sample_weight))
 
 
-class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator):
+class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator, FederatedNetCV):
     """Elastic-net logistic path with site-local K-fold cross-validation (see :mod:`fedrad.common.penalised`).
 
     For each ``alpha`` on the path the coefficients minimise (glmnet's binomial scaling)
@@ -491,9 +509,11 @@ class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator):
     l1_ratio=r, C=1 / (n · alpha))``: scikit-learn minimises ``C · Σ loss + r|w|₁ + (1-r)/2 |w|²``
     and ``Σ loss = -ℓ``.
 
-    ``fit`` runs :func:`~common.penalised.run_path` in one process: every round, each site evaluates
+    ``fit`` (:class:`~common.penalised.FederatedNetCV`'s, shared with ``FederatedCoxnetCV``) runs
+    :func:`~common.penalised.run_path` in one process: every round, each site evaluates
     :func:`site_logistic_newton` on its training rows of every (fold, alpha) point, and the
-    log-likelihood of its held-out rows at the same point; the sums over sites are what a federated
+    log-likelihood of its held-out rows at the same point (:func:`~common.penalised.site_path_summary`,
+    as the sites of a federated run do); the sums over sites are what a federated
     round would return, so this is the single-process reference of the federated path. Fold K (the
     last) is all data; it sets ``alpha_max`` and ``coef_path_``. Every sequence starts at the
     intercept-only fit of all the data (intercept ``logit(events / n)``, coefficients 0), where the
@@ -563,17 +583,13 @@ class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator):
         "tol": [Interval(Real, 0, None, closed="neither")],
     }
 
+    kind = "logistic"
+
     def __init__(self, *, l1_ratio: float = 1.0, alphas=None, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
                  cv: int = 5, rule: str = "min", fit_intercept: bool = True, seed: int = 0, tol: float = 1e-9):
-        self.l1_ratio = l1_ratio
-        self.alphas = alphas
-        self.n_alphas = n_alphas
-        self.alpha_min_ratio = alpha_min_ratio
-        self.cv = cv
-        self.rule = rule
+        super().__init__(l1_ratio=l1_ratio, alphas=alphas, n_alphas=n_alphas, alpha_min_ratio=alpha_min_ratio, cv=cv,
+                         rule=rule, seed=seed, tol=tol)
         self.fit_intercept = fit_intercept
-        self.seed = seed
-        self.tol = tol
 
     # Input checks and prediction are FederatedLogisticRegression's.
     _features = FederatedLogisticRegression._features
@@ -589,18 +605,7 @@ class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "coef_"):
             raise AttributeError("this FederatedLogisticNetCV is not fitted yet; call fit first")
 
-    def fit(self, X, y, *, site=None):
-        """Fit the path on all data and on every training fold, then choose alpha by CV deviance.
-
-        Parameters
-        ----------
-        X : (n_samples, n_features) array or DataFrame
-        y : (n_samples,) 0/1 or boolean
-        site : (n_samples,), optional
-            Site label of every row (default: one site).
-        """
-        from fedrad.common.penalised import Penalty, PathSummary, path_choice, run_path, site_fold_ids
-
+    def _problem(self, X, y, site) -> NetProblem:
         values, y, events = _checked_inputs(self, X, y)
         n, n_features = values.shape
         alphas = None
@@ -608,55 +613,26 @@ class FederatedLogisticNetCV(ClassifierMixin, BaseEstimator):
             alphas = np.asarray(self.alphas, dtype=float)
             if alphas.ndim != 1 or len(alphas) == 0 or not np.all(np.isfinite(alphas) & (alphas > 0)):
                 raise ValueError(f"alphas must be a non-empty 1-D array of positive numbers; got {self.alphas!r}")
-        if site is None:
-            groups = {0: np.arange(n)}
-        else:
-            site = np.asarray(site)
-            if site.shape != (n,):
-                raise LogisticInputError(f"X has {n} rows but site has shape {site.shape}")
-            groups = {s: np.flatnonzero(site == s) for s in dict.fromkeys(site.tolist())}
+        groups = _site_groups(site, n)
         design = self._design(values)
         p = design.shape[1]
 
-        folds = np.zeros(n, dtype=int)
-        if self.cv:
-            for label, rows in groups.items():
-                folds[rows] = site_fold_ids(len(rows), self.cv, self.seed, label, stratify=y[rows])
-        n_folds = self.cv + 1  # CV folds, then all data
-        # (training rows, held-out rows) per fold and site; the last fold holds nothing out.
-        splits = [[(g, g[:0]) if f == self.cv else (g[folds[g] != f], g[folds[g] == f]) for g in groups.values()]
-                  for f in range(n_folds)]
-
-        def evaluate(points):
-            started, out = time.perf_counter(), {}
-            for f in range(points.shape[0]):
-                for u in range(points.shape[1]):
-                    beta = points[f, u]
-                    train = combine_newton([site_logistic_newton(design[t], y[t], beta) for t, _ in splits[f]])
-                    heldout = sum(site_logistic_newton(design[h], y[h], beta).loglik for _, h in splits[f] if len(h))
-                    out[(f, u)] = PathSummary(train=train, heldout=float(heldout))
-            logger.debug("path round: %d points, %.3f s, %d bytes", len(out), time.perf_counter() - started,
-                         len(groups) * len(out) * 8 * (p + p * p + 4))
-            return out
+        def summarise(rows, beta):
+            return site_logistic_newton(design[rows], y[rows], beta)
 
         factors = np.ones(p)
         beta0 = np.zeros(p)
         if self.fit_intercept:
             factors[0] = 0.0
-            beta0[0] = np.log(events / (n - events))  # intercept-only fit: its gradient is 0
-        state = run_path(evaluate, n_folds, Penalty(float(self.l1_ratio), factors), beta0, lambdas=alphas,
-                         n_lambdas=self.n_alphas, min_ratio=self.alpha_min_ratio, tol=self.tol)
-        path = state.best_beta[-1]
-        self.alphas_ = state.lambdas
+            beta0[0] = logistic_null_intercept(n, events)  # intercept-only fit: its gradient is 0
+        self.n_features_in_ = n_features
+        self.n_sites_ = len(groups)
+        return NetProblem(groups=groups, stratify=y, units=[(g, summarise) for g in groups.values()],
+                          factors=factors, beta0=beta0, alphas=alphas)
+
+    def _store(self, path, chosen):
         self.coef_path_ = path[:, 1:].copy() if self.fit_intercept else path.copy()
         self.intercept_path_ = path[:, 0].copy() if self.fit_intercept else np.zeros(len(self.alphas_))
-        self.n_rounds_ = state.iteration  # one evaluation (round trip) per iteration
-        chosen, self.cv_deviance_, self.cv_mean_, self.cv_se_ = path_choice(state, self.rule)
-        self.alpha_ = float(self.alphas_[chosen])
         self.coef_ = self.coef_path_[chosen].copy()
         self.intercept_ = float(self.intercept_path_[chosen])
-        self.folds_ = folds
-        self.n_features_in_ = n_features
         self.classes_ = np.array([0, 1])
-        self.n_sites_ = len(groups)
-        return self

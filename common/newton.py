@@ -10,6 +10,12 @@ Newton decrement ``δᵀ(-H)δ / 2`` below ``tol``, or the largest step ``|δ|``
 A step that lowers the (penalised) log-likelihood is halved, from the best point so far.
 Before the first step the Hessian is checked for aliased columns (a clear error names
 them) unless a ridge penalty makes the problem well posed.
+
+One loop drives every Newton fit, in one process or federated (:func:`run_newton`; one fit:
+:func:`newton_fit`): it evaluates, steps, stops on the rule or at the iteration limit and warns
+(``ConvergenceWarning``) when the limit stopped it. The evaluation is a callback, so the same loop
+serves an in-process sum over sites and a coordinator's round trip, and several fits may share
+each evaluation (the univariate screen, calibration slopes).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from scipy import linalg
 from fedrad.common.errors import FedradError
 
 __all__ = ["NewtonSummary", "NewtonState", "RankDeficientError", "ConvergenceError", "ConvergenceWarning",
-           "combine_newton", "start_newton", "update_newton", "newton_fit", "aliased_columns", "wald_table"]
+           "combine_newton", "start_newton", "update_newton", "run_newton", "newton_fit", "aliased_columns",
+           "wald_table"]
 
 
 class RankDeficientError(FedradError):
@@ -141,15 +148,87 @@ def update_newton(state: NewtonState, total: NewtonSummary, *, ridge: float = 0.
                        converged=converged, loglik_null=null, history=state.history + (entry,))
 
 
+def run_newton(evaluate, states: dict, step, *, max_iter: int | None = 100, max_rounds: int | None = None,
+               failures: tuple[type[BaseException], ...] = (), on_step=None, message=None,
+               stacklevel: int = 2) -> tuple[dict, dict]:
+    """The Newton loop, for one fit or for many that share every evaluation (round trip).
+
+    Parameters
+    ----------
+    evaluate : callable ``(states, active) -> {key: NewtonSummary}``
+        The sums over sites at ``states[key].beta`` for every key in ``active``: in one process, or
+        one federated round trip (it is given every state, so one message can carry every point).
+    states : {key: NewtonState}
+        Where each sequence starts (:func:`start_newton`); the dict's order is kept.
+    step : callable ``(key, state, total) -> NewtonState``
+        The coordinator's update (:func:`update_newton`, or a model's own such as logistic's).
+    max_iter : accepted Newton steps per sequence (None: no limit).
+    max_rounds : evaluations in all (None: no limit); a step that was halved counts as one.
+    failures : exceptions of ``step`` that drop that sequence (kept in the second dict returned)
+        instead of ending the loop.
+    on_step : callable ``(key, state)``, optional, called after every step (logging, run log).
+    message : callable ``(key, state, previous) -> str``, optional: the ``ConvergenceWarning`` of a
+        sequence stopped by a limit (``previous``: the state before its last accepted step, or None).
+
+    Returns
+    -------
+    (states, errors) : the final state and the exception of every dropped sequence, by key.
+    """
+    states = dict(states)
+    previous: dict = dict.fromkeys(states)
+    errors: dict = {}
+    rounds = 0
+
+    def running(key) -> bool:
+        state = states[key]
+        return not state.converged and key not in errors and (max_iter is None or state.iteration < max_iter)
+
+    while max_rounds is None or rounds < max_rounds:
+        active = [key for key in states if running(key)]
+        if not active:
+            break
+        totals = evaluate(states, active)
+        rounds += 1
+        for key in active:
+            before = states[key]
+            try:
+                states[key] = step(key, before, totals[key])
+            except failures as exc:
+                errors[key] = exc
+                continue
+            if states[key].iteration > before.iteration:
+                previous[key] = before
+            if on_step is not None:
+                on_step(key, states[key])
+    for key, state in states.items():
+        if not state.converged and key not in errors:
+            if message is not None:
+                text = message(key, state, previous[key])
+            else:
+                capped = max_iter is not None and state.iteration >= max_iter
+                limit = f"{max_iter} iterations" if capped else f"{max_rounds} rounds"
+                text = f"Newton did not converge in {limit}" + ("" if len(states) == 1 else f" ({key})")
+            warnings.warn(text, ConvergenceWarning, stacklevel=stacklevel)
+    return states, errors
+
+
 def newton_fit(evaluate, n_params: int, *, ridge: float = 0.0, tol: float = 1e-10, max_iter: int = 100,
-               names: list[str] | None = None) -> NewtonState:
-    """Run Newton in one process: ``evaluate(beta) -> NewtonSummary`` (the sum over sites)."""
-    state = start_newton(n_params)
-    while not state.converged and state.iteration < max_iter:
-        state = update_newton(state, evaluate(state.beta), ridge=ridge, tol=tol, names=names)
-    if not state.converged:
-        warnings.warn(f"Newton did not converge in {max_iter} iterations", ConvergenceWarning, stacklevel=2)
-    return state
+               names: list[str] | None = None, step=None, on_step=None, message=None,
+               stacklevel: int = 2) -> NewtonState:
+    """Run one Newton fit: ``evaluate(beta) -> NewtonSummary`` (the sum over sites, in one process or
+    one federated round trip), stepping with ``step(state, total)`` (default :func:`update_newton`
+    with ``ridge``, ``tol`` and ``names``). ``on_step(state)`` follows every step; ``message(state,
+    previous)`` words the ``ConvergenceWarning`` when ``max_iter`` stops it (see :func:`run_newton`)."""
+    if step is None:
+        def step(state, total):
+            return update_newton(state, total, ridge=ridge, tol=tol, names=names)
+
+    states, _ = run_newton(lambda current, active: {key: evaluate(current[key].beta) for key in active},
+                           {0: start_newton(n_params)}, lambda _, state, total: step(state, total), max_iter=max_iter,
+                           on_step=None if on_step is None else lambda _, state: on_step(state),
+                           message=None if message is None else lambda _, state, previous: message(state, previous),
+                           stacklevel=stacklevel + 1)
+    return states[0]
 
 
 def wald_table(beta: np.ndarray, hess: np.ndarray, names: list[str], *, exp_name: str = "HR",

@@ -24,20 +24,31 @@ held-out score at the same point, so the CV deviance is known as soon as a seque
 Cox uses the cross-validated partial likelihood of Verweij & van Houwelingen (1993),
 ``cvpl_k = ℓ_all(β_{-k}) − ℓ_{-k}(β_{-k})``; logistic uses the held-out binomial log-likelihood.
 λ is then chosen by the minimum CV deviance or the 1-SE rule.
+
+The per-fold rule is written once: a site's summary of one (fold, point) is
+:func:`site_path_summary` (the site handler and the in-process estimators call it) and the
+coordinator sums them with :func:`combine_path_summary`. :class:`FederatedNetCV` is the in-process
+cross-validated estimator behind ``FederatedCoxnetCV`` and ``FederatedLogisticNetCV``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import linalg
 
-from fedrad.common.newton import ConvergenceError, NewtonSummary
+from fedrad.common.newton import ConvergenceError, NewtonSummary, combine_newton
 
 __all__ = ["Penalty", "PathSummary", "PathState", "penalised_objective", "solve_penalised_quadratic",
-           "lambda_max", "lambda_grid", "start_path", "update_path", "unique_points", "cv_choice", "fold_ids", "site_fold_ids", "run_path", "path_choice"]
+           "lambda_max", "lambda_grid", "start_path", "update_path", "unique_points", "cv_choice", "fold_ids",
+           "site_fold_ids", "HELDOUT", "site_path_summary", "combine_path_summary", "run_path", "path_choice",
+           "NetProblem", "FederatedNetCV"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -250,8 +261,45 @@ def fold_ids(n: int, n_folds: int, seed, stratify=None) -> np.ndarray:
 
 def site_fold_ids(n: int, n_folds: int, seed: int, site: str, stratify=None) -> np.ndarray:
     """A site's folds, reproducible from the study seed and the site's name (the in-process
-    reference and the federated run assign the same folds)."""
+    reference and the federated run assign the same folds); without cross-validation
+    (``n_folds == 0``) every row is in fold 0."""
+    if not n_folds:
+        return np.zeros(n, dtype=int)
     return fold_ids(n, n_folds, [int(seed), zlib.crc32(str(site).encode())], stratify=stratify)
+
+
+#: The held-out score of a CV fold, by model kind. Cox: the partial likelihood does not split over
+#: rows, so the score is Verweij & van Houwelingen's ``ℓ_all(β) − ℓ_train(β)`` ("cvpl"); logistic:
+#: the log-likelihood of the held-out rows ("rows").
+HELDOUT = {"cox": "cvpl", "logistic": "rows"}
+
+
+def site_path_summary(summarise, folds: np.ndarray, fold: int, n_cv: int, heldout: str) -> PathSummary:
+    """One site's summary at one point of CV fold ``fold``: training ℓ/∇/∇² and the held-out score.
+
+    Parameters
+    ----------
+    summarise : callable ``(rows) -> NewtonSummary``
+        The site's model summary at the point over ``rows`` (indices into ``folds``).
+    folds : (n_rows,) the site's folds (:func:`site_fold_ids`).
+    fold : 0..n_cv; ``fold == n_cv`` is all the rows (nothing held out: the path on all data).
+    heldout : a value of :data:`HELDOUT`.
+    """
+    everyone = np.arange(len(folds))
+    if fold == n_cv:
+        return PathSummary(train=summarise(everyone))
+    train = summarise(everyone[folds != fold])
+    if heldout == "cvpl":
+        return PathSummary(train=train, heldout=float(summarise(everyone).loglik - train.loglik))
+    if heldout == "rows":
+        rows = everyone[folds == fold]
+        return PathSummary(train=train, heldout=float(summarise(rows).loglik) if len(rows) else 0.0)
+    raise ValueError(f"heldout must be one of {sorted(set(HELDOUT.values()))}, got {heldout!r}")
+
+
+def combine_path_summary(parts: list[PathSummary]) -> PathSummary:
+    """Sum the sites' summaries of one (fold, point)."""
+    return PathSummary(train=combine_newton([p.train for p in parts]), heldout=float(sum(p.heldout for p in parts)))
 
 
 def cv_choice(deviance: np.ndarray, lambdas: np.ndarray, rule: str = "min") -> tuple[int, np.ndarray, np.ndarray]:
@@ -300,3 +348,79 @@ def path_choice(state: PathState, rule: str) -> tuple[int, np.ndarray | None, np
     deviance = -2 * state.heldout[:-1]
     chosen, mean, se = cv_choice(deviance, state.lambdas, rule)
     return chosen, deviance, mean, se
+
+
+@dataclass(frozen=True)
+class NetProblem:
+    """What a model hands :class:`FederatedNetCV` after checking its inputs.
+
+    groups : {site label: row indices}; stratify : (n_rows,) what folds are balanced on (events,
+    outcomes); units : [(rows, summarise)] whose summaries add up to the federation's, with
+    ``summarise(rows, beta) -> NewtonSummary`` over those (global) rows: one per site, or one for all
+    rows where the likelihood is not a sum over sites; factors, beta0 : (p,) penalty factors and the
+    start of every sequence; alphas : the given penalties or None.
+    """
+
+    groups: dict
+    stratify: np.ndarray
+    units: list
+    factors: np.ndarray
+    beta0: np.ndarray
+    alphas: np.ndarray | None = None
+
+
+class FederatedNetCV:
+    """Elastic-net path with site-local K-fold cross-validation, in one process: every round, each
+    site evaluates :func:`site_path_summary` at every (fold, point) and the sums
+    (:func:`combine_path_summary`) go to :func:`run_path`, as a federated round would.
+
+    Shared by the models' estimators (``FederatedCoxnetCV``, ``FederatedLogisticNetCV``), which set
+    ``kind`` (a key of :data:`HELDOUT`) and supply ``_problem(X, y, site) -> NetProblem`` and
+    ``_store(path, chosen)`` (their own attributes from the all-data path (L, p) and the chosen index).
+    """
+
+    kind: str
+
+    def __init__(self, *, l1_ratio: float = 1.0, alphas=None, n_alphas: int = 50, alpha_min_ratio: float = 0.01,
+                 cv: int = 5, rule: str = "min", seed: int = 0, tol: float = 1e-9):
+        self.l1_ratio = l1_ratio
+        self.alphas = alphas
+        self.n_alphas = n_alphas
+        self.alpha_min_ratio = alpha_min_ratio
+        self.cv = cv
+        self.rule = rule
+        self.seed = seed
+        self.tol = tol
+
+    def fit(self, X, y, *, site=None):
+        """Fit the path on all data and on every training fold, then choose alpha by CV deviance.
+
+        ``site`` : (n_samples,), optional: the site label of every row (default: one site).
+        """
+        problem = self._problem(X, y, site)
+        folds = np.zeros(len(problem.stratify), dtype=int)
+        for label, rows in problem.groups.items():
+            folds[rows] = site_fold_ids(len(rows), self.cv, self.seed, label, stratify=problem.stratify[rows])
+        heldout = HELDOUT[self.kind]
+        p = len(problem.beta0)
+
+        def evaluate(points):
+            started = time.perf_counter()
+            out = {(f, u): combine_path_summary([
+                site_path_summary(lambda r, rows=rows, summarise=summarise, beta=points[f, u]: summarise(rows[r], beta),
+                                  folds[rows], f, self.cv, heldout)
+                for rows, summarise in problem.units])
+                for f in range(points.shape[0]) for u in range(points.shape[1])}
+            logger.debug("path round: %d points, %.3f s, %d bytes", len(out), time.perf_counter() - started,
+                         len(problem.groups) * len(out) * 8 * (p + p * p + 4))
+            return out
+
+        state = run_path(evaluate, self.cv + 1, Penalty(float(self.l1_ratio), problem.factors), problem.beta0,
+                         lambdas=problem.alphas, n_lambdas=self.n_alphas, min_ratio=self.alpha_min_ratio, tol=self.tol)
+        self.alphas_ = state.lambdas
+        self.n_rounds_ = state.iteration  # one evaluation (round trip) per iteration
+        chosen, self.cv_deviance_, self.cv_mean_, self.cv_se_ = path_choice(state, self.rule)
+        self.alpha_ = float(self.alphas_[chosen])
+        self.folds_ = folds
+        self._store(state.best_beta[-1], chosen)
+        return self

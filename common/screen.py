@@ -50,6 +50,7 @@ import numpy as np
 from scipy import stats
 
 from fedrad.common.errors import FedradError
+from fedrad.common.zscore import pool_moments
 
 __all__ = ["ScreenInputError", "CoxScreenSums", "LogisticScreenSums", "ScreenResult", "site_cox_screen",
            "combine_cox_screen", "update_cox_screen", "site_logistic_screen", "combine_logistic_screen",
@@ -252,17 +253,17 @@ def site_logistic_screen(X, y) -> LogisticScreenSums:
 
 
 def combine_logistic_screen(parts: list[LogisticScreenSums]) -> LogisticScreenSums:
-    """Pool with Chan's update: m2 += n_s (x̄_s - x̄)², sxy += events_s (x̄_s - x̄) (associative)."""
+    """Pool with Chan's update (:func:`fedrad.common.zscore.pool_moments`): m2 += n_s (x̄_s - x̄)²,
+    sxy += n_s (x̄_s - x̄)(ȳ_s - ȳ) (sxy = Σ y (x - x̄) is the co-moment of x and y; associative)."""
     if not parts:
         raise ScreenInputError("no site summaries to combine")
     shapes = {p.mean.shape for p in parts}
     if len(shapes) > 1:
         raise ScreenInputError(f"sites sent different numbers of features: {sorted(s[0] for s in shapes)}")
-    n = sum(p.n for p in parts)
-    mean = sum(p.n * p.mean for p in parts) / n
-    return LogisticScreenSums(n=n, events=sum(p.events for p in parts), mean=mean,
-                              m2=sum(p.m2 + p.n * (p.mean - mean) ** 2 for p in parts),
-                              sxy=sum(p.sxy + p.events * (p.mean - mean) for p in parts))
+    counts, means = [p.n for p in parts], [p.mean for p in parts]
+    x = pool_moments(counts, means, [p.m2 for p in parts])
+    xy = pool_moments(counts, means, [p.sxy for p in parts], other_means=[p.events / p.n for p in parts])
+    return LogisticScreenSums(n=x.n, events=sum(p.events for p in parts), mean=x.mean, m2=x.m2, sxy=xy.m2)
 
 
 def update_logistic_screen(total: LogisticScreenSums, *, feature_names: list[str] | None = None) -> ScreenResult:

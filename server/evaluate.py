@@ -32,7 +32,7 @@ from fedrad.common.evaluation import (binary_metrics, clean, delong_pair_tests, 
                                site_metrics)
 from fedrad.common.logistic import update_logistic_newton
 from fedrad.common.messages import EVALUATE_CALIBRATION, EVALUATE_METRICS, EVALUATE_THRESHOLDS, record_arrays, request
-from fedrad.common.newton import NewtonSummary, combine_newton, start_newton
+from fedrad.common.newton import NewtonSummary, combine_newton, run_newton, start_newton
 from fedrad.common.study import Study
 from fedrad.common.survival_curves import RiskTable, combine_risk_tables, kaplan_meier
 from fedrad.server.federation import Federation, StageFailed, StageTraffic
@@ -40,6 +40,8 @@ from fedrad.server.fit import data_mode, study_sites
 
 THRESHOLDS = np.round(np.arange(0.005, 1.0, 0.005), 3)
 DCA_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
+#: round trips of the calibration-slope Newton fits (all models and site groups share each)
+CALIBRATION_ROUNDS = 25
 NOT_COMPUTED = ("pairs of patients from two different sites (cross-site concordance) and exact pooled "
                 "time-dependent AUC / Brier scores, which need patient-level rows in one place")
 
@@ -247,28 +249,32 @@ def _pooled_delong(plan: dict, parts: list[dict]) -> list[dict]:
 def _calibration_slopes(fed, traffic, plan, groups, failures) -> dict[str, dict[str, tuple[float, float]]]:
     """Newton for y ~ a + b·logit(risk), every model and both site groups in the same round trips."""
     names = [e["name"] for e in plan["models"]]
-    states = {label: [start_newton(2) for _ in names] for label, sites in groups.items() if sites}
-    results = {label: {} for label in groups}
-    for _ in range(25):
-        active = {label: [i for i, s in enumerate(st) if not s.converged and names[i] not in results[label]]
-                  for label, st in states.items()}
-        if not any(active.values()):
-            break
-        arrays = {site: {"points": np.array([s.beta for s in states[label]])}
-                  for label, sites in groups.items() if label in states for site in sites}
+    labels = [label for label, sites in groups.items() if sites]
+
+    def evaluate(states, active):
+        arrays = {site: {"points": np.array([states[(label, i)].beta for i in range(len(names))])}
+                  for label in labels for site in groups[label]}
         replies = _ask(fed, traffic, list(arrays), EVALUATE_CALIBRATION, plan, failures, arrays)
-        for label, indices in active.items():
+        totals = {}
+        for label, i in active:
             site_parts = [replies[s] for s in groups[label] if s in replies]
-            for i in indices:
-                total = combine_newton([NewtonSummary(float(p["loglik"][i]), p["grad"][i], p["hess"][i],
-                                                      int(p["counts"][i][0]), int(p["counts"][i][1]))
-                                        for p in site_parts])
-                try:
-                    states[label][i] = update_logistic_newton(states[label][i], total, names=["intercept", "slope"])
-                except (FedradError, np.linalg.LinAlgError) as exc:  # separated or degenerate: reported
-                    results[label][names[i]] = (np.nan, np.nan)
-                    log(INFO, "evaluate: calibration slope of '%s' (%s): %s", names[i], label, exc)
-    for label, st in states.items():
-        for i, s in enumerate(st):
-            results[label].setdefault(names[i], (float(s.beta[0]), float(s.beta[1])) if s.converged else (np.nan, np.nan))
+            totals[(label, i)] = combine_newton([NewtonSummary(float(p["loglik"][i]), p["grad"][i], p["hess"][i],
+                                                               int(p["counts"][i][0]), int(p["counts"][i][1]))
+                                                 for p in site_parts])
+        return totals
+
+    def step(key, state, total):
+        return update_logistic_newton(state, total, names=["intercept", "slope"])
+
+    states, errors = run_newton(
+        evaluate, {(label, i): start_newton(2) for label in labels for i in range(len(names))}, step,
+        max_iter=None, max_rounds=CALIBRATION_ROUNDS, failures=(FedradError, np.linalg.LinAlgError),
+        message=lambda key, *_: f"evaluate: calibration slope of '{names[key[1]]}' ({key[0]}): Newton did not "
+                                f"converge in {CALIBRATION_ROUNDS} rounds")
+    results = {label: {} for label in groups}
+    for (label, i), exc in errors.items():  # separated or degenerate: reported
+        results[label][names[i]] = (np.nan, np.nan)
+        log(INFO, "evaluate: calibration slope of '%s' (%s): %s", names[i], label, exc)
+    for (label, i), s in states.items():
+        results[label].setdefault(names[i], (float(s.beta[0]), float(s.beta[1])) if s.converged else (np.nan, np.nan))
     return results

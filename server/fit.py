@@ -16,17 +16,20 @@ import numpy as np
 from flwr.common.logger import log
 
 from fedrad.common.errors import FedradError
-from fedrad.common.logistic import SeparationError, update_logistic_newton
+from fedrad.common.logistic import (SeparationError, logistic_null_intercept, logistic_null_loglik,
+                                   update_logistic_newton)
 from fedrad.common.cox import RiskSetSums, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets
 from fedrad.common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_BASELINE, MODEL_SUMMARIES, record_arrays, request
-from fedrad.common.newton import (ConvergenceError, NewtonSummary, RankDeficientError, combine_newton, start_newton,
-                           update_newton, wald_table)
+from fedrad.common.newton import (ConvergenceError, NewtonSummary, RankDeficientError, newton_fit, run_newton,
+                                  start_newton, update_newton, wald_table)
 from fedrad.common.nomogram import axis_ranges, build_nomogram
-from fedrad.common.penalised import Penalty, PathSummary, path_choice, run_path
+from fedrad.common.penalised import Penalty, PathSummary, combine_path_summary, path_choice, run_path
 from fedrad.common.study import SELECTED, Features, Model, Study, select_features
 from fedrad.server.federation import Federation, StageFailed, StageTraffic
 
 MAX_NEWTON_ROUNDS = 50
+#: a model (or a univariate candidate) that cannot be fitted
+_FIT_ERRORS = (RankDeficientError, SeparationError, ConvergenceError)
 
 
 class _SiteDropped(Exception):
@@ -137,11 +140,10 @@ def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | Non
 def _evaluator(fed: Federation, sites: list[str], plan: dict, name: str, traffic: StageTraffic):
     def evaluate(points: np.ndarray) -> dict[tuple[int, int], PathSummary]:
         parts = _ask_all(fed, sites, traffic, MODEL_SUMMARIES, plan, points=points)
-        return {(f, u): PathSummary(
-                    train=combine_newton([NewtonSummary(loglik=float(p["loglik"][f, u]), grad=p["grad"][f, u],
-                                                        hess=p["hess"][f, u], n=int(p["n_train"][f]),
-                                                        events=int(p["events"][f])) for p in parts]),
-                    heldout=float(sum(p["heldout"][f, u] for p in parts)))
+        return {(f, u): combine_path_summary([PathSummary(
+                    train=NewtonSummary(loglik=float(p["loglik"][f, u]), grad=p["grad"][f, u], hess=p["hess"][f, u],
+                                        n=int(p["n_train"][f]), events=int(p["events"][f])),
+                    heldout=float(p["heldout"][f, u])) for p in parts])
                 for f in range(points.shape[0]) for u in range(points.shape[1])}
     return evaluate
 
@@ -186,7 +188,7 @@ def _fit_once(fed, plan: dict, model: Model, sites, traffic) -> dict:
         if model.penalty == "none":
             return _newton(evaluate, names, model, logistic, record=_newton_series(fed, model))
         return _elastic_net(evaluate, names, model, logistic, plan["cv_folds"])
-    except (RankDeficientError, SeparationError, ConvergenceError) as exc:
+    except _FIT_ERRORS as exc:
         raise StageFailed(f"fit: model '{model.name}': {exc}") from None
 
 
@@ -199,20 +201,20 @@ def _univariate_then_multivariable(fed, sites, plan: dict, model: Model, traffic
     candidates = plan["columns"]
     subsets = [lead + [len(lead) + j] for j in range(len(candidates))]
     evaluate = _evaluator(fed, sites, dict(plan, subsets=subsets), model.name, traffic)
-    states = [start_newton(len(lead) + 1) for _ in candidates]
-    dropped: dict[str, str] = {}
-    while True:
-        active = [j for j, c in enumerate(candidates) if not states[j].converged and c not in dropped
-                  and states[j].iteration < MAX_NEWTON_ROUNDS]
-        if not active:
-            break
-        totals = evaluate(np.stack([s.beta for s in states])[None])
-        for j in active:
-            names = (["intercept"] if logistic else []) + [candidates[j]]
-            try:
-                states[j] = _newton_step(states[j], totals[(0, j)].train, names, model, logistic)
-            except (RankDeficientError, SeparationError, ConvergenceError) as exc:
-                dropped[candidates[j]] = str(exc)
+
+    def evaluate_all(states, active):  # every candidate's point in each round trip
+        totals = evaluate(np.stack([s.beta for s in states.values()])[None])
+        return {j: totals[(0, j)].train for j in active}
+
+    def step(j, state, total):
+        return _newton_step(state, total, (["intercept"] if logistic else []) + [candidates[j]], model, logistic)
+
+    states, errors = run_newton(evaluate_all, {j: start_newton(len(lead) + 1) for j in range(len(candidates))}, step,
+                                max_iter=MAX_NEWTON_ROUNDS, failures=_FIT_ERRORS,
+                                message=lambda j, *_: f"fit: model '{model.name}': Newton for candidate "
+                                                      f"'{candidates[j]}' did not converge in {MAX_NEWTON_ROUNDS} "
+                                                      "iterations")
+    dropped = {candidates[j]: str(exc) for j, exc in errors.items()}
     univariate = []
     for j, column in enumerate(candidates):
         if column in dropped:
@@ -259,18 +261,20 @@ def _newton_series(fed: Federation, model: Model):
 
 
 def _newton(evaluate, names, model: Model, logistic: bool, record=None) -> dict:
-    state = start_newton(len(names))
-    while not state.converged and state.iteration < MAX_NEWTON_ROUNDS:
-        state = _newton_step(state, evaluate(state.beta[None, None, :])[(0, 0)].train, names, model, logistic)
-        if record is not None:
-            record(len(state.history), state.history[-1])
+    def step(state, total):
+        return _newton_step(state, total, names, model, logistic)
+
+    state = newton_fit(lambda beta: evaluate(beta[None, None, :])[(0, 0)].train, len(names), step=step,
+                       max_iter=MAX_NEWTON_ROUNDS,
+                       on_step=None if record is None else lambda state: record(len(state.history), state.history[-1]),
+                       message=lambda *_: f"fit: model '{model.name}': Newton did not converge in "
+                                          f"{MAX_NEWTON_ROUNDS} iterations")
     table = wald_table(state.beta, state.best.hess, names, exp_name="OR" if logistic else "HR")
     penalised = state.best_beta[1:] if logistic else state.best_beta  # the intercept is never penalised
     loglik = float(state.best.loglik) + 0.5 * model.ridge * float(penalised @ penalised)
     null = float(state.loglik_null)
     if logistic:  # the intercept-only model (statsmodels' llnull), not β = 0
-        n, events = state.best.n, state.best.events
-        null = float(events * np.log(events / n) + (n - events) * np.log(1 - events / n))
+        null = logistic_null_loglik(state.best.n, state.best.events)
     return {
         "kind": model.kind, "penalty": "none", "converged": bool(state.converged),
         "coefficients": dict(zip(names, map(float, state.beta))),
@@ -289,7 +293,7 @@ def _elastic_net(evaluate, names, model: Model, logistic: bool, cv: int) -> dict
         full = evaluate(np.zeros((cv + 1, 1, p)))[(cv, 0)].train
         if full.events in (0, full.n):
             raise FedradError(f"model '{model.name}': the outcome is constant across sites")
-        beta0[0] = np.log(full.events / (full.n - full.events))
+        beta0[0] = logistic_null_intercept(full.n, full.events)
     state = run_path(evaluate, cv + 1, Penalty(model.l1_ratio, factors), beta0, n_lambdas=model.n_alphas,
                      min_ratio=model.alpha_min_ratio)
     chosen, _, mean, se = path_choice(state, model.rule)

@@ -1,5 +1,7 @@
-"""What the coordinator runs: the Flower ServerApp and one module per study stage.
+"""``fedrad.server``: what the coordinator runs — the Flower ServerApp with one module per study stage,
+the run log, the report, the dashboard, `fedrad local`, and the root `fedrad` command, which mounts the
+hospital's commands from ``fedrad.client.cli``.
 
-Empty until the federated study engine lands (issue 3); the stage modules will call the
-`common/` function pairs (e.g. `fedrad.common.combat`) that already exist.
+The top layer: it may import ``fedrad.client`` (shared helpers such as the report primitives a site's
+offline validation also uses) and ``fedrad.common``; nothing imports it.
 """

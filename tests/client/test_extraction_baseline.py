@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from fedrad.client.cli import app
+from fedrad.server.cli import app  # the `fedrad` command
 from tests.conftest import TEST_DATA, write_manifest
 
 CLASSES = ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm", "shape")

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from fedrad.client.cli import EXIT_QUARANTINED, app
+from fedrad.client.cli import EXIT_QUARANTINED
+from fedrad.server.cli import app  # the `fedrad` command
 from tests.conftest import tumour_case, write_manifest, write_volume
 
 GOOD = ("good-1", "good-2", "good-3")

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from fedrad.client.cli import app
+from fedrad.server.cli import app  # the `fedrad` command
 from fedrad.client.extraction import default_params_path
 from fedrad.client.segmentation import (build_segmenter, dice_on, read_model, seg_dataset, segment_image, train_epochs,
                                  write_model)

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from lifelines import CoxPHFitter
 from typer.testing import CliRunner
 
-from fedrad.client.cli import app
+from fedrad.server.cli import app  # the `fedrad` command
 from fedrad.client.extraction import default_params_path
 from fedrad.client.prepare import prepare_from_manifest
 from fedrad.client.synth import generate_cohort

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from typer.testing import CliRunner
 
-from fedrad.client.cli import EXIT_QUARANTINED, app
+from fedrad.client.cli import EXIT_QUARANTINED
+from fedrad.server.cli import app  # the `fedrad` command
 from fedrad.client.store import open_store
 from tests.conftest import TEST_DATA
 

@@ -217,7 +217,7 @@ def test_dashboard_follows_a_running_study_in_headless_chromium(tmp_path):
 def test_a_taken_port_is_a_clear_error_and_the_command_is_registered(tmp_path):
     from typer.testing import CliRunner
 
-    from fedrad.client.cli import app
+    from fedrad.server.cli import app  # the `fedrad` command
     from fedrad.server.dashboard import DashboardError
 
     with DashboardServer(tmp_path, port=0) as first:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from fedrad.client.cli import app
+from fedrad.server.cli import app  # the `fedrad` command
 from fedrad.client.ledger import read_ledger
 from fedrad.server.local import LocalFederation
 from fedrad.server.runlog import read_runlog

@@ -32,6 +32,7 @@ def cohort_section(results: dict) -> dict | None:
     validation = results.get("evaluation_settings", {}).get("validation_sites", [])
     rows = [{"site": name, "cases": info["cases"], "events": info["events"], "quarantined": info["quarantined"],
              "repeat cases": info["repeat_cases"], "batch levels": ", ".join(info["batch_counts"]),
+             "min_count": info.get("min_count", ""),  # the site's effective minimum (its own may be higher)
              "role": "validation" if name in validation else "training"} for name, info in census["sites"].items()]
     return {"table": table(pd.DataFrame(rows)), "n_features": census["n_features"],
             "params_hash": census["params_hash"][:12], "refused": list(census.get("refused", {}).items())}

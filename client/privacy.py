@@ -6,6 +6,13 @@ The guard does not trust the handler that built the reply: it inspects the reply
   number of cases the reply was computed from is refused.
 * Small cells: the reply declares every group an aggregate was computed over (the whole
   site, each batch level); a group with fewer than ``min_count`` cases is refused.
+* Two-valued columns: every column the sums are taken over that takes exactly two values at
+  the site (a 0/1 clinical column) splits the cases into two groups; its column sum counts one
+  of them and its gradient/Hessian entries are sums over it, so a value held by fewer than
+  ``min_count`` cases is refused (per set of rows the sums cover: the site, each CV fold).
+* Designs: a design (model columns, ComBat's batch + covariates) whose per-site Newton terms or
+  cross-products leave must have fewer columns than the site's rows minus ``min_count``; with
+  p ≥ n − min_count those sums (at the coordinator's chosen points) can determine the rows.
 * No identifiers: no text in the reply may contain a patient identifier of the site.
 * Only numbers in arrays: object and text arrays are refused.
 
@@ -24,7 +31,7 @@ from flwr.app import RecordDict
 
 from fedrad.common.errors import FedradError
 
-__all__ = ["Disclosure", "PrivacyRefusal", "check_reply", "scrub"]
+__all__ = ["Disclosure", "PrivacyRefusal", "check_reply", "scrub", "two_valued"]
 
 
 class PrivacyRefusal(FedradError):
@@ -54,6 +61,26 @@ class Disclosure:
     #: lengths of axes the handler vouches are not per-case (features, λ points, folds): an array
     #: axis as long as the number of cases is accepted only if its length is declared here.
     shared_axes: frozenset[int] = frozenset()
+    #: columns taking exactly two values in the rows some sums cover, with the cases holding each value
+    #: (:func:`two_valued`): ``{"column 'x'": {"value 0": 20, "value 1": 4}}``.
+    values: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: designs whose per-site Newton terms or cross-products the reply carries: ``{"model 'm'": (columns, rows)}``.
+    designs: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def two_valued(labels, X) -> dict[str, dict[str, int]]:
+    """The columns of ``X`` (one label each) that take exactly two values in its rows, with the number of
+    cases holding each value: ``value 0``/``value 1`` for a 0/1 column, else its lower/higher value (never
+    the value itself). A column with one value or with three or more is not listed."""
+    X = np.asarray(X, dtype=float).reshape(len(X), -1)
+    out = {}
+    for label, column in zip(labels, X.T):
+        values = np.unique(column[np.isfinite(column)])
+        if len(values) != 2:
+            continue
+        names = ("value 0", "value 1") if (values[0], values[1]) == (0, 1) else ("its lower value", "its higher value")
+        out[label] = {names[0]: int(np.sum(column == values[0])), names[1]: int(np.sum(column == values[1]))}
+    return out
 
 
 def check_reply(content: RecordDict, disclosure: Disclosure, min_count: int) -> None:
@@ -66,6 +93,19 @@ def check_reply(content: RecordDict, disclosure: Disclosure, min_count: int) -> 
     if small:
         raise PrivacyRefusal(f"aggregate over fewer than min_count={min_count} cases: {', '.join(small)}",
                              detail=", ".join(f"{name} has {size}" for name, size in small.items()))
+    rare = {f"{label}: {value}": size for label, held in disclosure.values.items()
+            for value, size in held.items() if 0 < size < min_count}
+    if rare:
+        raise PrivacyRefusal("; ".join(f"{name} held by fewer than min_count={min_count} cases" for name in rare),
+                             detail=", ".join(f"{name} held by {size}" for name, size in rare.items()))
+    for name, (columns, rows) in disclosure.designs.items():
+        if columns >= rows - min_count:
+            against = f"{rows} cases" if rows >= min_count else f"fewer than min_count={min_count} cases"
+            raise PrivacyRefusal(
+                f"{name}: {columns} design column(s) against {against} at this site; with at least n - min_count "
+                "columns its per-site sums could determine patients' rows (use fewer columns than the site's "
+                "cases minus min_count, or leave the site out)",
+                detail=f"{name}: {columns} column(s), {rows} row(s), min_count {min_count}")
     for record_name, record in content.array_records.items():
         for key, array in record.items():
             name = f"{record_name}.{key}"

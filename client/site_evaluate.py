@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import RecordDict
 
-from fedrad.client.privacy import Disclosure
+from fedrad.client.privacy import Disclosure, two_valued
 from fedrad.client.site_data import site_log
 from fedrad.client.site_fit import model_inputs
 from fedrad.client.store import FeatureStore
@@ -224,11 +224,16 @@ def calibration_newton_reply(store: FeatureStore, plan: dict, site: str,
     """ℓ, ∇ℓ, ∇²ℓ of the calibration model y ~ a + b·logit(risk) at the coordinator's (a, b) per model."""
     points = arrays["points"]  # (M, 2)
     loglik, grad, hess, counts = [], [], [], []
-    ids = set()
+    ids, values, designs = set(), {}, {}
     for model, beta in zip(plan["models"], points):
         s = score_model(store, plan, site, model)
         ids |= set(s.ids)
-        summary = site_logistic_newton(slope_design(s.risk), s.y.astype(float), beta)
+        design = slope_design(s.risk)
+        # the design is (1, logit risk) over the rows with the binary endpoint; a risk taking two values (a model
+        # of one 0/1 column) splits them in two, like a binary model column
+        values.update(two_valued([f"model '{model['name']}' calibration column 'logit(risk)'"], design[:, 1:]))
+        designs[f"model '{model['name']}' calibration"] = (design.shape[1], len(design))
+        summary = site_logistic_newton(design, s.y.astype(float), beta)
         loglik.append(summary.loglik)
         grad.append(summary.grad)
         hess.append(summary.hess)
@@ -236,4 +241,4 @@ def calibration_newton_reply(store: FeatureStore, plan: dict, site: str,
     content = RecordDict({"arrays": arrays_record(loglik=np.array(loglik), grad=np.array(grad), hess=np.array(hess),
                                                   counts=np.array(counts, dtype=float))})
     return content, Disclosure(n_cases=len(ids), identifiers=frozenset(ids),
-                               shared_axes=frozenset({len(points), 2}))
+                               shared_axes=frozenset({len(points), 2}), values=values, designs=designs)

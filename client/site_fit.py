@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from flwr.app import RecordDict
 
-from fedrad.client.privacy import Disclosure
+from fedrad.client.privacy import Disclosure, two_valued
 from fedrad.client.site_data import HARMONISED, HARMONISED_META, STANDARDISED, site_log, with_deep_features
 
 #: per-case scores written at the site by other fedrad stages (the CNN's DL score): id + one column per score
@@ -113,6 +113,25 @@ def model_inputs(store: FeatureStore, plan: dict, site: str):
     return table[schemas.ID].astype(str).to_numpy(), X, outcome_values, left_out
 
 
+def model_columns(plan: dict, X: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(labels, values) of the model's own columns in ``X`` (the logistic intercept left out)."""
+    lead = 1 if plan["model"]["kind"] == "logistic" else 0
+    return [f"column '{c}'" for c in plan["columns"]], X[:, lead:]
+
+
+def design_declarations(plan: dict, X: np.ndarray, folds: np.ndarray | None = None, width: int | None = None):
+    """(values, designs) for the Disclosure of a reply with sums over the design ``X``: every two-valued model
+    column with the cases holding each value over each set of rows the sums cover (the site; with CV each
+    fold's training rows and, by difference with all rows, its held-out rows), and the design's width
+    (``width``: columns of the widest point, default all) against the site's rows."""
+    labels, own = model_columns(plan, X)
+    values = two_valued(labels, own)
+    for k in range(0 if folds is None else int(folds.max(initial=-1)) + 1):
+        for rows, where in ((folds != k, "training"), (folds == k, "held-out")):
+            values.update(two_valued([f"{label} (fold {k} {where})" for label in labels], own[rows]))
+    return values, {f"model '{plan['model']['name']}'": (X.shape[1] if width is None else width, len(X))}
+
+
 def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: dict) -> tuple[RecordDict, Disclosure]:
     ids, X, outcome, left_out = model_inputs(store, plan, site)
     model = plan["model"]
@@ -148,10 +167,12 @@ def model_summaries_reply(store: FeatureStore, plan: dict, site: str, arrays: di
             heldout[f, u] = s.heldout
     groups = {f"fold {k} held-out": int(np.sum(folds == k)) for k in range(n_folds - 1)}
     groups["cases without the outcome"] = left_out
+    values, designs = design_declarations(plan, X, folds if n_folds > 1 else None,
+                                          width=max(len(columns) for columns in subsets))
     content = RecordDict({"arrays": arrays_record(loglik=loglik, grad=grad, hess=hess, heldout=heldout,
                                                   n_train=n_train, events=events)})
     return content, Disclosure(n_cases=len(ids), groups=groups, identifiers=frozenset(ids),
-                               shared_axes=frozenset({n_folds, n_points, p}))
+                               shared_axes=frozenset({n_folds, n_points, p}), values=values, designs=designs)
 
 
 class EventTimesNotAllowed(FedradError):
@@ -184,8 +205,9 @@ def risk_sets_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
     content = RecordDict({"arrays": arrays_record(
         d=sums.d, x_events=sums.x_events, s0=sums.s0, s1=sums.s1, s2=sums.s2, s0_tied=sums.s0_tied,
         s1_tied=sums.s1_tied, s2_tied=sums.s2_tied, n=np.array([len(ids)]))})
+    values, designs = design_declarations(plan, X)
     return content, Disclosure(n_cases=len(ids), identifiers=frozenset(ids),
-                               shared_axes=frozenset({len(arrays["grid"]), X.shape[1]}))
+                               shared_axes=frozenset({len(arrays["grid"]), X.shape[1]}), values=values, designs=designs)
 
 
 def baseline_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
@@ -213,5 +235,6 @@ def baseline_reply(store: FeatureStore, plan: dict, site: str, arrays: dict,
         col_binary=binary.astype(float), col_integer=np.all(columns == np.round(columns), axis=0).astype(float),
         col_nonnegative=np.all(columns >= 0, axis=0).astype(float),
         cumhaz=cumhaz)})
+    values, designs = design_declarations(plan, X)
     return content, Disclosure(n_cases=len(ids), identifiers=frozenset(ids),
-                               shared_axes=frozenset({columns.shape[1], len(horizons)}))
+                               shared_axes=frozenset({columns.shape[1], len(horizons)}), values=values, designs=designs)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from flwr.app import MetricRecord, RecordDict
 
-from fedrad.client.privacy import Disclosure
+from fedrad.client.privacy import Disclosure, two_valued
 from fedrad.client.site_data import (HARMONISED, STANDARDISED, harmonise_columns, harmonise_inputs, read_harmonised_meta,
                               site_log, write_feature_table, write_harmonised_meta)
 from fedrad.client.store import FeatureStore
@@ -30,8 +30,11 @@ def _features_axis(disclosure: Disclosure, y) -> Disclosure:
 
 
 def _disclosure(ids, X, spec) -> Disclosure:
-    """Groups the sums are taken over: each batch level and each level of each categorical
-    covariate (a one-case level would make its row of Xᵀy that patient's features)."""
+    """Groups the sums are taken over: each batch level, each level of each categorical covariate (a one-case
+    level would make its row of Xᵀy that patient's features) and each value of a two-valued continuous
+    covariate (a 0/1 column given as continuous is a binary covariate all the same). The design is the columns
+    not all zero here (another site's batch levels add nothing): Xᵀ X and Xᵀ y of a design with p ≥ n − min_count
+    columns are refused like a model's Newton terms."""
     counts = X[:, : spec.n_batch].sum(axis=0)
     groups = {f"batch '{lv}'": int(c) for lv, c in zip(spec.batch_levels, counts)}
     column = spec.n_batch
@@ -40,8 +43,11 @@ def _disclosure(ids, X, spec) -> Disclosure:
         groups[f"covariate '{name}' level '{levels[0]}'"] = int(len(X) - dummies.sum())
         groups.update({f"covariate '{name}' level '{lv}'": int(c) for lv, c in zip(levels[1:], dummies.sum(axis=0))})
         column += len(levels) - 1
+    values = two_valued([f"column '{name}'" for name in spec.continuous], X[:, column:])
+    used = int(np.any(X != 0, axis=0).sum())
     return Disclosure(n_cases=len(ids), identifiers=frozenset(ids), groups=groups,
-                      shared_axes=frozenset({X.shape[1], spec.n_batch}))
+                      shared_axes=frozenset({X.shape[1], spec.n_batch}), values=values,
+                      designs={"ComBat design (batch and covariates)": (used, len(X))})
 
 
 def moments_reply(store: FeatureStore, plan: dict, study: Study, site: str) -> tuple[RecordDict, Disclosure]:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from flwr.app import MetricRecord, RecordDict
 
-from fedrad.client.privacy import Disclosure
+from fedrad.client.privacy import Disclosure, two_valued
 from fedrad.client.site_fit import model_table
 from fedrad.client.store import FeatureStore
 from fedrad.common import schemas
@@ -29,10 +29,17 @@ def select_sums_reply(store: FeatureStore, plan: dict, min_count: int) -> tuple[
     if absent:
         raise StoreError(f"select: the store lacks {len(absent)} candidate feature(s), e.g. {absent[:3]}")
     X = table[features].to_numpy(dtype=float)
+    # a two-valued candidate (a 0/1 column) splits the cases: its screen and correlation sums count and sum
+    # over each part. The screens are univariate and the correlation matrix a Gram matrix (rows determined only
+    # up to a rotation), so the design-width rule of the fit does not apply to the candidates here.
+    labels = [f"column '{c}'" for c in features]
+    values = two_valued(labels, X)
     if plan["outcome"] == "logistic":
         y = pd.to_numeric(table[plan["binary_outcome"]], errors="coerce")
         keep = y.notna().to_numpy()
         groups = {"cases without the outcome": int((~keep).sum())}
+        if not keep.all():  # the logistic screen covers the cases with the outcome only
+            values.update(two_valued([f"{label} (cases with the outcome)" for label in labels], X[keep]))
         screen = site_logistic_screen(X[keep], y[keep].to_numpy(dtype=float))
         screen_arrays = dict(screen_mean=screen.mean, screen_sxy=screen.sxy, screen_m2=screen.m2)
     else:
@@ -55,7 +62,8 @@ def select_sums_reply(store: FeatureStore, plan: dict, min_count: int) -> tuple[
         groups["cases without a repeat delineation"] = len(table) - icc.n
     ids = frozenset(table[schemas.ID].astype(str))
     return (RecordDict({"arrays": arrays_record(**arrays), "counts": MetricRecord(counts)}),
-            Disclosure(n_cases=len(table), groups=groups, identifiers=ids, shared_axes=frozenset({len(features)})))
+            Disclosure(n_cases=len(table), groups=groups, identifiers=ids, shared_axes=frozenset({len(features)}),
+                       values=values))
 
 
 def _repeat_measurements(store: FeatureStore, features: list[str]) -> np.ndarray | None:

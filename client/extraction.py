@@ -29,8 +29,9 @@ from fedrad.common.errors import CaseError, ParamsError
 
 radiomics.logger.setLevel(logging.ERROR)
 
-#: Bumped when the way features are computed changes, so cached cases are redone.
-EXTRACTION_VERSION = 1
+#: Bumped when the way features are computed, or the cases checked, changes, so cached cases are redone
+#: (2: truncated files and DICOM series with a missing slice are refused; version 1 read them zero-filled).
+EXTRACTION_VERSION = 2
 
 
 def default_params_path(name: str = "default") -> Path:
@@ -43,7 +44,10 @@ def load_params(path: Path | None) -> tuple[dict, str]:
     path = Path(path) if path else default_params_path()
     if not path.is_file():
         raise ParamsError(f"params file '{path}' not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"params file {path} is not a text YAML file (byte {exc.start} is not UTF-8 text)") from exc
     try:
         params = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

@@ -3,9 +3,12 @@
 Cases run in parallel worker processes with a progress bar. A case that fails any
 check is quarantined with the reason and the rest go on; a finished case is cached
 under a hash of its input files and settings, so an interrupted run resumes and a
-re-run only redoes what changed. With ``segment`` (a federated segmentation model), rows
-without a mask get one from the model first (`fedrad.client.auto_segment`); the store marks those
-cases ``mask_source = "automatic"``.
+re-run only redoes what changed. A Ctrl-C stops the workers at once and says how much is
+cached. The store is locked for the run (`fedrad.client.store.writing`); a store made from
+another manifest is only replaced with ``overwrite``, and when the features change, whatever the
+study stages derived from the old ones is deleted (`fedrad.client.site_data.DERIVED`). With
+``segment`` (a federated segmentation model), rows without a mask get one from the model first
+(`fedrad.client.auto_segment`); the store marks those cases ``mask_source = "automatic"``.
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import radiomics
 import SimpleITK as sitk
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedrad.client import extraction, imaging, store
+from fedrad.client import extraction, imaging, site_data, store
 from fedrad.client.manifest import Case, check_manifest, read_manifest
 from fedrad.common import schemas
 from fedrad.common.errors import CaseError
@@ -44,10 +50,20 @@ class PrepareReport:
     timings: dict = field(default_factory=dict)  # summed seconds: read, resample, extract
     wall_seconds: float = 0.0
     n_automatic: int = 0  # accepted cases whose mask the segmentation model drew
+    info: list[str] = field(default_factory=list)  # what the run adjusted or removed; not a data problem
 
     @property
     def clean(self) -> bool:
         return not self.problems and not self.notices
+
+
+class PrepareInterrupted(KeyboardInterrupt):
+    """Ctrl-C during extraction: the workers are stopped, and the finished cases are cached for a re-run."""
+
+    def __init__(self, out: Path, n_cached: int, n_cases: int):
+        self.n_cached, self.n_cases = n_cached, n_cases
+        super().__init__(f"interrupted: {n_cached} of {n_cases} case(s) are cached in {Path(out) / store.CACHE}; "
+                         "run the same command again to resume (cached cases are not extracted again)")
 
 
 def prepare_from_manifest(
@@ -63,13 +79,23 @@ def prepare_from_manifest(
     show_progress: bool = True,
     use_cache: bool = True,
     segment: Path | None = None,
+    overwrite: bool = False,
 ) -> PrepareReport:
-    started = datetime.now(timezone.utc)
     manifest = Path(manifest).resolve()
-    out = Path(out)
-    params, params_text = extraction.load_params(params_path)
+    params_and_text = extraction.load_params(params_path)
+    frame = read_manifest(manifest)
+    with store.writing(out, manifest, overwrite=overwrite):
+        return _prepare(frame, manifest, Path(out), params_and_text, jobs=jobs, phases=phases, label=label,
+                        min_voxels=min_voxels, required_clinical=required_clinical, show_progress=show_progress,
+                        use_cache=use_cache, segment=segment)
+
+
+def _prepare(frame, manifest: Path, out: Path, params_and_text, *, jobs, phases, label, min_voxels,
+             required_clinical, show_progress, use_cache, segment) -> PrepareReport:
+    started = datetime.now(timezone.utc)
+    params, params_text = params_and_text
     phash = extraction.params_hash(params)
-    frame, source_manifest, automatic, auto_meta, problems = read_manifest(manifest), manifest, set(), None, []
+    source_manifest, automatic, auto_meta, problems = manifest, set(), None, []
     if segment is not None:
         frame, manifest, automatic, auto_meta, problems = _segment_missing(frame, manifest, out, segment,
                                                                           show_progress)
@@ -85,39 +111,27 @@ def prepare_from_manifest(
         else:
             todo.append(case)
     n_cached = len(results)
-    jobs = max(1, jobs or os.cpu_count() or 1)
-
+    jobs, info = _worker_count(jobs, len(todo))
+    run = partial(_run_case, params=params, label=label, min_voxels=min_voxels)
     with _progress(show_progress) as progress:
         task = progress.add_task("extracting", total=len(checked.cases), completed=n_cached, quarantined=0)
-        for case, outcome in _run_all(todo, params, label, min_voxels, jobs):
-            if "error" in outcome:
-                problems.append(CaseError(case.patient_id, outcome["error"]["field"], outcome["error"]["reason"]))
-            else:
-                results[case.patient_id] = outcome
-                if use_cache:
-                    store.cache_put(out, keys[case.patient_id], outcome)
-            progress.update(task, advance=1, quarantined=len({p.patient_id for p in problems}))
+        runner = _run_all(todo, run, jobs)
+        try:
+            for case, outcome in runner:
+                if "error" in outcome:
+                    problems.append(CaseError(case.patient_id, outcome["error"]["field"], outcome["error"]["reason"]))
+                else:
+                    results[case.patient_id] = outcome
+                    if use_cache:
+                        store.cache_put(out, keys[case.patient_id], outcome)
+                progress.update(task, advance=1, quarantined=len({p.patient_id for p in problems}))
+        except KeyboardInterrupt:
+            runner.close()  # stops the workers now, not after every queued case
+            raise PrepareInterrupted(out, len(results) if use_cache else 0, len(checked.cases)) from None
 
-    rows, repeat_rows, feature_names = [], [], []
-    timings = {"read": 0.0, "resample": 0.0, "extract": 0.0}
-    for case in checked.cases:  # manifest order, whatever order workers finished in
-        outcome = results.get(case.patient_id)
-        if outcome is None:
-            continue
-        if not feature_names:
-            feature_names = list(outcome["features"])
-        if list(outcome["features"]) != feature_names:
-            problems.append(CaseError(case.patient_id, "features", "extracted feature set differs from the other cases"))
-            continue
-        rows.append({schemas.ID: case.patient_id, **case.row, **outcome["features"],
-                     store.MASK_SOURCE: "automatic" if case.patient_id in automatic else "manual"})
-        if outcome["repeat"] is not None:
-            repeat_rows.append({schemas.ID: case.patient_id, **outcome["repeat"]})
-        for step in timings:
-            timings[step] += outcome["timings"][step]
-
+    rows, repeat_rows, feature_names, timings = _rows(checked.cases, results, automatic, problems)
     has_scanner = any(case.row.get(schemas.SCANNER) for case in checked.cases)
-    meta = store.write_store(
+    meta, removed = write_features(
         out,
         rows=rows,
         repeat_rows=repeat_rows,
@@ -152,7 +166,53 @@ def prepare_from_manifest(
         timings=timings,
         wall_seconds=(datetime.now(timezone.utc) - started).total_seconds(),
         n_automatic=meta["n_automatic_masks"],
+        info=info + removed,
     )
+
+
+def _rows(cases: list[Case], results: dict, automatic: set, problems: list) -> tuple[list, list, list, dict]:
+    """(rows, repeat rows, feature names, summed timings) in manifest order, whatever order workers
+    finished in; a case whose feature set differs from the first one's is added to ``problems``."""
+    rows, repeat_rows, feature_names = [], [], []
+    timings = {"read": 0.0, "resample": 0.0, "extract": 0.0}
+    for case in cases:
+        outcome = results.get(case.patient_id)
+        if outcome is None:
+            continue
+        if not feature_names:
+            feature_names = list(outcome["features"])
+        if list(outcome["features"]) != feature_names:
+            problems.append(CaseError(case.patient_id, "features", "extracted feature set differs from the other cases"))
+            continue
+        rows.append({schemas.ID: case.patient_id, **case.row, **outcome["features"],
+                     store.MASK_SOURCE: "automatic" if case.patient_id in automatic else "manual"})
+        if outcome["repeat"] is not None:
+            repeat_rows.append({schemas.ID: case.patient_id, **outcome["repeat"]})
+        for step in timings:
+            timings[step] += outcome["timings"][step]
+    return rows, repeat_rows, feature_names, timings
+
+
+def write_features(out: Path, **store_args) -> tuple[dict, list[str]]:
+    """`store.write_store`, then, when the features changed, delete what was derived from the old ones:
+    a harmonised.parquet left beside new features is what the next study would read. Returns the
+    metadata and a note naming what was deleted."""
+    before = store.recorded_features_sha256(out)
+    meta = store.write_store(out, **store_args)
+    removed = site_data.remove_derived(out) if meta["features_sha256"] != before else []
+    return meta, [f"the features changed: removed {', '.join(removed)} (made from the old ones)"] if removed else []
+
+
+def _worker_count(requested: int | None, n_todo: int) -> tuple[int, list[str]]:
+    """Workers for ``n_todo`` cases, and a note when ``requested`` was lowered: each worker is a forked
+    process, so more than cases or cores only costs (``--jobs 1000`` forked for minutes)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cap = max(1, min(n_todo, cores))
+    if not requested:
+        return cap, []
+    if requested <= cap:
+        return requested, []
+    return cap, [f"--jobs {requested} lowered to {cap}: {n_todo} case(s) to extract, {cores} core(s)"]
 
 
 def _segment_missing(frame, manifest: Path, out: Path, model: Path, show_progress: bool):
@@ -181,16 +241,16 @@ def _case_key(case: Case, phash: str, label, min_voxels) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _run_all(cases: list[Case], params, label, min_voxels, jobs):
-    """Yield (case, outcome) as cases finish; one process per job, or in-process for jobs=1."""
+def _run_all(cases: list[Case], run, jobs):
+    """Yield (case, run(case)) as cases finish; one process per job, or in-process for jobs=1."""
     if jobs == 1 or len(cases) <= 1:
         for case in cases:
-            yield case, _run_case(case, params, label, min_voxels)
+            yield case, run(case)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     orphans = []
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_case, case, params, label, min_voxels): case for case in cases}
+    with _pool(jobs, threads) as pool:
+        futures = {pool.submit(run, case): case for case in cases}
         for future in as_completed(futures):
             try:
                 yield futures[future], future.result()
@@ -198,19 +258,44 @@ def _run_all(cases: list[Case], params, label, min_voxels, jobs):
                 orphans.append(futures[future])
     # Redo the orphans one process each, so only the case that kills its process is quarantined.
     for case in orphans:
-        with ProcessPoolExecutor(max_workers=1, initializer=_init_worker, initargs=(threads,)) as pool:
+        with _pool(1, threads) as pool:
             try:
-                yield case, pool.submit(_run_case, case, params, label, min_voxels).result()
+                yield case, pool.submit(run, case).result()
             except BrokenProcessPool:
                 yield case, {"error": {"field": "extraction",
                                        "reason": "the extraction process died on this case (out of memory?)"}}
 
 
+@contextmanager
+def _pool(jobs: int, threads: int):
+    """A process pool that, when left by an exception (Ctrl-C, or the caller closing the generator),
+    kills its workers instead of waiting for every queued case, as ``with ProcessPoolExecutor`` does."""
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(threads,))
+    try:
+        yield pool
+    except BaseException:
+        _stop_now(pool)
+        raise
+    pool.shutdown()
+
+
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    workers = list((pool._processes or {}).values())  # Python < 3.14 has no public terminate_workers()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5)
+        if worker.is_alive():
+            worker.kill()
+
+
 def _init_worker(threads: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent handles it
 
 
-def _run_case(case: Case, params, label, min_voxels) -> dict:
+def _run_case(case: Case, *, params, label, min_voxels) -> dict:
     try:
         return extraction.extract_case(case, params, label=label, min_voxels=min_voxels)
     except CaseError as exc:

@@ -31,6 +31,34 @@ HARMONISED_META = "harmonised.json"
 SITE_LOG = "site.log"
 DEEP_FEATURES = "deep_features.parquet"
 DEEP_FEATURES_META = "deep_features.json"
+#: What the study stages made from features.parquet and its cases: stale once `prepare` writes other features.
+#: Not here: census/ (the store guard compares its hash), dp_accountant.json (privacy spent stays spent),
+#: site.log and the ledger.
+DERIVED = (HARMONISED, STANDARDISED, HARMONISED_META, DEEP_FEATURES, DEEP_FEATURES_META)
+#: STORE/scores.parquet (`site_fit.SCORES`) may also hold scores the site supplied itself, per case; only the
+#: network's column is made from the features.
+SCORES, DERIVED_SCORE_COLUMNS = "scores.parquet", ("dl_score",)
+
+
+def remove_derived(store_path: Path) -> list[str]:
+    """Delete what the store holds that was made from its features (the `DERIVED` files, the DL-score column of
+    scores.parquet, which keeps the site's own scores); return what went, for the prepare report."""
+    store_path = Path(store_path)
+    removed = [name for name in DERIVED if (store_path / name).is_file()]
+    for name in removed:
+        (store_path / name).unlink()
+    scores_path = store_path / SCORES
+    if scores_path.is_file():
+        scores = pd.read_parquet(scores_path)
+        made = [c for c in DERIVED_SCORE_COLUMNS if c in scores.columns]
+        if made:
+            kept = scores.drop(columns=made)
+            if set(kept.columns) <= {schemas.ID}:
+                scores_path.unlink()
+            else:
+                _atomic(scores_path, lambda path: kept.to_parquet(path, index=False))
+            removed.append(f"{SCORES} ({', '.join(made)})")
+    return removed
 
 
 def site_log(store_path: Path, text: str) -> None:
@@ -95,7 +123,8 @@ def read_harmonised_meta(store_path: Path) -> dict:
     return json.loads((Path(store_path) / HARMONISED_META).read_text())
 
 
-__all__ = ["HARMONISED", "STANDARDISED", "HARMONISED_META", "SITE_LOG", "FEATURES", "site_log", "batch_labels",
+__all__ = ["HARMONISED", "STANDARDISED", "HARMONISED_META", "SITE_LOG", "FEATURES", "DERIVED", "remove_derived",
+           "site_log", "batch_labels",
            "design_spec", "harmonise_inputs", "write_feature_table", "write_harmonised_meta", "read_harmonised_meta"]
 
 

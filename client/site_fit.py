@@ -15,10 +15,9 @@ import pandas as pd
 from flwr.app import RecordDict
 
 from fedrad.client.privacy import Disclosure, two_valued
-from fedrad.client.site_data import HARMONISED, HARMONISED_META, STANDARDISED, site_log, with_deep_features
+from fedrad.client.site_data import HARMONISED, HARMONISED_META, SCORES, STANDARDISED, site_log, with_deep_features
 
 #: per-case scores written at the site by other fedrad stages (the CNN's DL score): id + one column per score
-SCORES = "scores.parquet"
 from fedrad.client.store import FEATURES, FeatureStore
 from fedrad.common import schemas
 from fedrad.common.cox import site_cox_baseline, site_cox_event_times, site_cox_newton, site_cox_risk_sets

@@ -11,13 +11,17 @@ Layout of ``STORE/``::
     params.yaml              the pyradiomics settings used (its hash is in store.json)
     store.json               what the columns are, counts, versions, hashes
     cache/                   one JSON per extracted case, keyed by a content hash (resume)
+    .prepare.lock            the pid of the `prepare` run writing the store (flock-ed while it runs)
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +38,7 @@ PARAMS = "params.yaml"
 META = "store.json"
 CACHE = "cache"
 AUTO_MASKS = "auto_masks"
+LOCK = ".prepare.lock"
 #: store column saying where a case's mask came from: "manual" (the manifest) or "automatic" (`prepare --segment`)
 MASK_SOURCE = "mask_source"
 
@@ -120,6 +125,8 @@ def write_store(
     _atomic(path / QUARANTINE, lambda p: quarantine.to_csv(p, index=False))
     if params_text is not None:
         _atomic(path / PARAMS, lambda p: Path(p).write_text(params_text))
+    elif (path / PARAMS).exists():  # the settings of the features this replaces, not of these
+        (path / PARAMS).unlink()
     meta = dict(meta)
     meta.update(
         format=FORMAT,
@@ -131,6 +138,82 @@ def write_store(
     )
     _atomic(path / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str)))
     return meta
+
+
+@contextmanager
+def writing(path: Path, source: Path, *, kind: str = "manifest", overwrite: bool = False):
+    """Hold the store's lock for one `prepare` run, once the store may be written from ``source``.
+
+    ``kind`` is "manifest" or "table". Refused with a `StoreError`, before any case is read: a folder
+    that cannot be written, a store another run is writing, and (unless ``overwrite``) a store built
+    from another manifest or table, which the run would replace without a word.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK, "a+")
+    except OSError as exc:
+        raise _unwritable(path, exc) from exc
+    with handle:
+        _lock(handle, path)
+        if not overwrite:
+            _check_source(path, kind, Path(source).resolve())
+        for folder in (path, path / CACHE):
+            if folder.is_dir():  # a missing cache/ is made in a folder just found writable
+                _check_writable(folder)
+        yield
+
+
+def _lock(handle, path: Path) -> None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        raise StoreError(f"another `fedrad prepare` (pid {holder}) is writing the store '{path}'; wait for it "
+                         "to finish, or give another --out") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+
+
+def _check_source(path: Path, kind: str, source: Path) -> None:
+    if not (path / META).is_file():
+        return
+    meta = _read_meta(path)
+    if meta is None:
+        raise StoreError(f"'{path}' holds a store whose {META} cannot be read; give --overwrite to replace it, "
+                         "or another --out")
+    held_kind = "table" if meta.get("source") == "table" else "manifest"
+    held = meta.get("table") if held_kind == "table" else meta.get("source_manifest") or meta.get("manifest")
+    if (held_kind, str(held)) != (kind, str(source)):
+        raise StoreError(f"'{path}' holds a store built from {held_kind} {held}, not from this run's {kind} "
+                         f"{source}; give --overwrite to replace it, or another --out")
+
+
+def _check_writable(folder: Path) -> None:
+    """Without this a read-only --out fails with a traceback after the first case is extracted."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise _unwritable(folder, exc) from exc
+
+
+def _unwritable(folder: Path, exc: OSError) -> StoreError:
+    return StoreError(f"cannot write to '{folder}' ({exc.strerror or exc}); give an --out folder you can write to")
+
+
+def recorded_features_sha256(path: Path) -> str | None:
+    """The features hash store.json recorded, or None where there is no readable store."""
+    return (_read_meta(Path(path)) or {}).get("features_sha256")
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def cache_get(store: Path, key: str) -> dict | None:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from fedrad.client import extraction, store
 from fedrad.client.manifest import iter_rows, outcome_values
-from fedrad.client.prepare import PrepareReport
+from fedrad.client.prepare import PrepareReport, write_features
 from fedrad.common import schemas
 from fedrad.common.errors import CaseError, ManifestError
 
@@ -32,16 +32,26 @@ def prepare_from_table(
     required_clinical: list[str] = (),
     params_path: Path | None = None,
     phase: str = "table",
+    overwrite: bool = False,
 ) -> PrepareReport:
     """Build a store from a CSV or parquet table with one row per case.
 
     Every column that is not the id, time, event, scanner or a clinical column is a
     feature. Feature names without ``'<phase>__'`` get ``phase`` as prefix so stores
     from tables and from images name columns the same way. ``params_path`` records the
-    pyradiomics settings the table was extracted with (its hash is compared across sites).
+    pyradiomics settings the table was extracted with (its hash is compared across sites). A store
+    built from another table or a manifest is only replaced with ``overwrite``.
     """
-    started = datetime.now(timezone.utc)
     frame = _read_table(Path(table))
+    with store.writing(out, Path(table), kind="table", overwrite=overwrite):
+        return _import(frame, Path(table), Path(out), id_col=id_col, time_col=time_col, event_col=event_col,
+                       scanner_col=scanner_col, clinical_cols=clinical_cols, required_clinical=required_clinical,
+                       params_path=params_path, phase=phase)
+
+
+def _import(frame: pd.DataFrame, table: Path, out: Path, *, id_col, time_col, event_col, scanner_col,
+            clinical_cols, required_clinical, params_path, phase) -> PrepareReport:
+    started = datetime.now(timezone.utc)
     if frame.empty:
         raise ManifestError(f"table '{table}' has a header but no cases")
     roles = {id_col: schemas.ID, time_col: schemas.TIME, event_col: schemas.EVENT}
@@ -79,7 +89,7 @@ def prepare_from_table(
     if params_path is not None:
         params, params_text = extraction.load_params(params_path)
         phash = extraction.params_hash(params)
-    meta = store.write_store(
+    meta, removed = write_features(
         out,
         rows=rows,
         repeat_rows=[],
@@ -94,7 +104,7 @@ def prepare_from_table(
     return PrepareReport(
         store=Path(out), n_cases=meta["n_cases"], n_events=meta["n_events"], n_quarantined=meta["n_quarantined"],
         n_features=len(names), n_cached=0, problems=problems, notices=[],
-        wall_seconds=(datetime.now(timezone.utc) - started).total_seconds(),
+        wall_seconds=(datetime.now(timezone.utc) - started).total_seconds(), info=removed,
     )
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from fedrad.client.cli import EXIT_QUARANTINED
@@ -81,6 +82,21 @@ def _bad_cases(folder):
     c["mask"] = str(write_volume(folder / "tiny_mask.nii.gz", tiny))
     rows.append(_row(c))
 
+    c = case("float-mask")
+    c["mask"] = str(write_volume(folder / "half_mask.nii.gz", mask.astype(np.float32) * 0.5))
+    rows.append(_row(c))
+
+    c = case("four-d")
+    for key, values in (("image_venous", np.full((2, 12, 24, 24), 40, np.int16)), ("mask", np.stack([mask] * 2))):
+        volume = sitk.GetImageFromArray(values, isVector=False)  # (t, z, y, x) -> a 4-D image
+        sitk.WriteImage(volume, str(folder / f"four_d_{key}.nii.gz"))
+        c[key] = str(folder / f"four_d_{key}.nii.gz")
+    rows.append(_row(c))
+
+    c = case("mask-is-image")
+    c["mask"] = c["image_venous"]
+    rows.append(_row(c))
+
     rows.append(_row(case("time-missing"), time=""))
     rows.append(_row(case("time-text"), time="about a year"))
     rows.append(_row(case("time-negative"), time="-3"))
@@ -102,6 +118,11 @@ EXPECTED = [
     ("several-labels", "mask", r"mask has several labels \(1, 2\); choose one with --label"),
     ("nan-voxels", "image_venous", r"image has 2 NaN/inf voxels"),
     ("tiny-mask", "mask", r"mask has 3 voxels with label 1; at least 10 required"),
+    ("float-mask", "mask", r"^mask is not a label image \(non-integer values, e.g. 0\.5, in \d+ voxels\)"),
+    ("four-d", "mask", r"^4-D images are not supported: pick a volume \(four_d_mask\.nii\.gz has size "
+                       r"\(24, 24, 12, 2\)\)$"),
+    ("mask-is-image", "mask", r"^mask has \d{2,} labels \(the first 5: -?\d+, -?\d+, -?\d+, -?\d+, -?\d+\): "
+                              r"is it an image rather than a label map\? If not, choose one label with --label$"),
     ("time-missing", "time", r"time is missing"),
     ("time-text", "time", r"time 'about a year' is not a number"),
     ("time-negative", "time", r"time is -3; must be >= 0"),
@@ -226,3 +247,12 @@ def test_header_only_manifest_and_bad_params_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["prepare", "--manifest", str(tmp_path / "manifest.csv"), "--out",
                                       str(tmp_path / "s3"), "--quiet"])
     assert result.exit_code == 2 and "no case was accepted" in result.output
+
+
+def test_binary_params_file_is_named_not_a_traceback(tmp_path):
+    rows = [_row(tumour_case(tmp_path, "good-1"))]
+    (tmp_path / "params.yaml").write_bytes(bytes(range(128, 256)) * 4)
+    result = CliRunner().invoke(app, ["prepare", "--manifest", str(write_manifest(tmp_path / "m.csv", rows)),
+                                      "--out", str(tmp_path / "store"), "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2, result.output
+    assert f"params file {tmp_path / 'params.yaml'} is not a text YAML file" in " ".join(result.output.split())

@@ -237,4 +237,4 @@ def _reprepare_without_one_case(table: pd.DataFrame, store, tmp_path) -> None:
     csv = tmp_path / "siteA-again.csv"
     rows.to_csv(csv, index=False)
     prepare_from_table(csv, store, scanner_col="scanner", clinical_cols=["age", "sex"],
-                       params_path=TEST_DATA / "pyradiomics_baseline.yaml")
+                       params_path=TEST_DATA / "pyradiomics_baseline.yaml", overwrite=True)  # another table

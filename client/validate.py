@@ -1,12 +1,14 @@
 """`fedrad validate`: a new hospital validates a finished model package alone, offline.
 
-Checks first (a clear refusal, nothing written): the store was extracted with the package's
-pyradiomics settings (same hash), and it holds every feature the harmonisation and the
-models use. Then, on a working copy of the store under ``OUT/store`` (the hospital's store
-is never written): harmonise to the package's reference exactly as a validation site of a
-federated study does, score every case with every model, and compute the same per-site
-metrics the `evaluate` stage reports. Writes ``OUT/predictions.csv`` (one row per case and
-model: linear predictor and predicted risk), ``OUT/metrics.json`` and prints a table.
+Checks first (a clear refusal, nothing written): the package verifies with the coordinator's public
+key (``--trust``; the signature covers every file, the manifest included, and an unsigned package,
+one signed by another key, or one with a file missing, altered or added is refused, the file named),
+the store was extracted with the package's pyradiomics settings (same hash), and it holds every
+feature the harmonisation and the models use. Then, on a working copy of the store under
+``OUT/store`` (the hospital's store is never written): harmonise to the package's reference exactly
+as a validation site of a federated study does, score every case with every model, and compute the
+same per-site metrics the `evaluate` stage reports. Writes ``OUT/predictions.csv`` (one row per case
+and model: linear predictor and predicted risk), ``OUT/metrics.json`` and prints a table.
 When the models use the CNN's DL-score or deep features, the package's network computes them from the
 hospital's own images (found through the manifest the store was prepared from). Nothing leaves the machine.
 """
@@ -29,6 +31,7 @@ from fedrad.common import schemas
 from fedrad.common.evaluation import site_metrics
 from fedrad.common.messages import record_arrays
 from fedrad.common.package import PackageError, read_package
+from fedrad.common.signing import key_id, load_public_key
 from fedrad.common.study import parse_study
 
 SITE = "validation"
@@ -76,8 +79,10 @@ def _working_copy(store_path: Path, out: Path) -> Path:
     return work
 
 
-def validate(package: Path, store_path: Path, out: Path) -> dict:
-    manifest = read_package(package)
+def validate(package: Path, store_path: Path, out: Path, trust: Path) -> dict:
+    """``trust``: the coordinator's public key (PEM); the package is used only if it verifies with it."""
+    trusted = load_public_key(trust)
+    manifest = read_package(package, trusted)
     store = open_store(store_path)
     check_store(manifest, store)
     out = Path(out)
@@ -106,6 +111,7 @@ def validate(package: Path, store_path: Path, out: Path) -> dict:
     metrics = site_metrics(scoring, record_arrays(content["arrays"]), True)
     report = {"package": str(Path(package).resolve()), "store": str(Path(store_path).resolve()),
               "study": manifest["study"]["study"]["name"], "fedrad_version": manifest["fedrad_version"],
+              "signed_by": key_id(trusted),
               "metrics": metrics, "study_metrics": {k: v for k, v in manifest["evaluation"].items()
                                                     if k in ("pooled", "pooled_validation")}}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))

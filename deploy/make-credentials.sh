@@ -9,11 +9,15 @@
 #                                                127.0.0.1, ::1 and every --host
 #   OUT_DIR/sites/SITE/SITE.key  SITE.pub        the site's private key (for the hospital) and public key
 #                                                (`fedrad coordinator register SITE SITE.pub`)
+#   OUT_DIR/package-signing.key  .pub            Ed25519 key pair the coordinator signs model packages with
+#                                                (`fedrad coordinator run --sign-key`); every hospital gets
+#                                                the .pub (`fedrad validate --trust package-signing.pub`)
 #
 # Safe to run again: an existing CA is kept (pass --new-ca to replace it, which also re-issues the
 # SuperLink certificate), the SuperLink certificate is re-issued only when the --host list changes
 # or it expires within 30 days (only then is ca.key needed, so it may be kept offline in between),
-# and an existing site key is never replaced (its public key may already be registered).
+# and an existing site key or package-signing key is never replaced (hospitals may already hold
+# its public half).
 set -euo pipefail
 umask 077
 
@@ -118,10 +122,24 @@ for site in ${SITES[@]+"${SITES[@]}"}; do
   echo "site $site: created $dir/$site.key and $site.pub"
 done
 
+# --- package-signing key (Ed25519) ---------------------------------------------------------------
+if [ -e "$OUT/package-signing.key" ]; then
+  openssl pkey -in "$OUT/package-signing.key" -noout 2>/dev/null || \
+    die "$OUT/package-signing.key is not a readable private key; restore it (or remove it for a new one, which \
+every hospital then needs)"
+  [ -s "$OUT/package-signing.pub" ] || openssl pkey -in "$OUT/package-signing.key" -pubout -out "$OUT/package-signing.pub"
+  echo "package signing: keeping $OUT/package-signing.key"
+else
+  openssl genpkey -algorithm ed25519 -out "$TMP/package-signing.key"
+  openssl pkey -in "$TMP/package-signing.key" -pubout -out "$TMP/package-signing.pub"
+  mv "$TMP/package-signing.key" "$OUT/package-signing.key"; mv "$TMP/package-signing.pub" "$OUT/package-signing.pub"
+  echo "package signing: created $OUT/package-signing.key and package-signing.pub"
+fi
+
 chmod 700 "$OUT"
-chmod 600 "$OUT/superlink.key"
+chmod 600 "$OUT/superlink.key" "$OUT/package-signing.key"
 [ ! -e "$OUT/ca.key" ] || chmod 600 "$OUT/ca.key"
-chmod 644 "$OUT/ca.crt" "$OUT/superlink.pem"
+chmod 644 "$OUT/ca.crt" "$OUT/superlink.pem" "$OUT/package-signing.pub"
 if [ -d "$OUT/sites" ]; then
   find "$OUT/sites" -type d -exec chmod 700 {} +
   find "$OUT/sites" -name '*.key' -exec chmod 600 {} +
@@ -134,6 +152,10 @@ What goes where:
   stays at the coordinator, never copied:  $OUT/ca.key (may be kept offline between uses)
   the coordinator's SuperLink and nginx:   $OUT/superlink.pem, $OUT/superlink.key, $OUT/ca.crt
                                            fedrad coordinator start --credentials $OUT --database DB
+  the coordinator's study runs (signing):  $OUT/package-signing.key (readable by the SuperLink's user)
+                                           fedrad coordinator run ... --sign-key $OUT/package-signing.key
+  every hospital (and anyone validating):  $OUT/package-signing.pub (public: check it came from you)
+                                           fedrad validate --package PKG --trust package-signing.pub --store STORE
 EOF
 for site in ${SITES[@]+"${SITES[@]}"}; do
   cat <<EOF

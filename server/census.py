@@ -3,7 +3,8 @@
 Always runs, also when a study is resumed: it is the roll call that maps Flower node ids to
 site names, and its fingerprint tells whether finished stages are still valid. A site whose
 pyradiomics settings differ from the others' is refused (features from different settings
-are not comparable, and ComBat cannot fix that).
+are not comparable, and ComBat cannot fix that). A study whose ``[sites] validation`` names a site
+that is not in the federation is stopped here, before any later stage, naming the sites present.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def run_census(fed: Federation, study: Study) -> dict:
     for label, reason in outcome.failures.items():
         named = _site_named_in(reason) if label in outcome.refused_by_site else None
         refused[named or label] = reason
+    _refuse_unknown_validation_sites(study, set(sites) | set(refused))
     params_hash = _refuse_odd_settings(sites, refused)
     for name in refused:
         fed.sites.pop(name, None)
@@ -143,6 +145,21 @@ def _public(info: dict) -> dict:
     shown = {k: v for k, v in info.items() if k not in ("features", "name", "store_sha256", "params_yaml")}
     shown["features_selected"] = len(info["features"])
     return shown
+
+
+def _refuse_unknown_validation_sites(study: Study, present: set[str]) -> None:
+    """A `[sites] validation` name that no site of the federation answers to stops the study: a misspelt
+    hold-out site would otherwise be trained on under its real name. ``present``: the sites that answered
+    the census (accepted or refused) and the labels of the SuperNodes that did not."""
+    unknown = [s for s in study.sites.validation if s not in present]
+    if unknown:
+        names = sorted(present)
+        raise StageFailed(f"census: [sites] validation names {_quoted(unknown)}, not a site of this federation "
+                          f"(present: {_quoted(names) or 'none'}); correct the study's [sites] validation")
+
+
+def _quoted(names) -> str:
+    return ", ".join(f"'{n}'" for n in names)
 
 
 def _refuse_odd_settings(sites: dict[str, dict], refused: dict[str, str]) -> str:

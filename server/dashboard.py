@@ -5,7 +5,8 @@ holds for the latest run in the directory: its stages with status and duration, 
 with each site's part in it (answered, failed with the reason, or still pending), bytes each
 way per site, Newton convergence per model (log-likelihood and max |Δβ| per iteration), the
 CNN's loss and validation C-index per round, privacy events (the sites' min-count refusals,
-ε spent per site under DP-SGD) and a link to ``report.html`` once the run has written it.
+ε spent per site under DP-SGD) and a link to ``report.html`` once the run has written it. Once a run
+has ended, the sites a stage finished without (its ``results.json``, server/summary.py's rule).
 
 Server-rendered: the HTML comes from one function, :func:`render_live`, filling the autoescaped
 Jinja2 templates in templates/ (dashboard_live.html; charts are inline SVG whose geometry is
@@ -206,7 +207,18 @@ def _empty_state(run_dir: Path, now: float) -> dict:
     return {"run_dir": str(run_dir), "now": now, "phase": "waiting", "message": "waiting for the run to start",
             "run": None, "runs": 0, "planned": [], "stages": [], "rounds": [], "sites": [], "newton": {}, "cnn": {},
             "privacy": {"min_count": None, "refusals": [], "epsilon": {}, "epsilon_budget": None},
-            "report": {"exists": modified is not None, "url": "report", "modified": modified}}
+            "report": {"exists": modified is not None, "url": "report", "modified": modified}, "left_out": []}
+
+
+def _left_out(run_dir: Path, run_id) -> list[str]:
+    """The sites a stage of this (ended) run finished without, from its results.json (server/summary.py's rule)."""
+    from fedrad.server.summary import left_out_lines
+
+    try:
+        results = json.loads((run_dir / RESULTS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return left_out_lines(results) if str(results.get("run_id")) == str(run_id) else []
 
 
 def read_state(run_dir: Path, *, now: float | None = None) -> dict:
@@ -243,6 +255,7 @@ def read_state(run_dir: Path, *, now: float | None = None) -> dict:
         newton=_newton(_series(log["series"], "fit")),
         cnn=cnn,
         privacy=_privacy(log["exchanges"], cnn, settings),
+        left_out=[] if running else _left_out(run_dir, run["run_id"]),
     )
     return state
 

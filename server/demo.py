@@ -102,8 +102,26 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
 
         report = write_report(out / "study", results, extra_images=[out / "scanner_effect.png"])
         console.print(f"report: {report}")
+    if results.get("package") and validation:
+        validate_package(Path(results["package"]), stores[validation[0]], out / "validation", console)
     console.print(f"wall time {time.perf_counter() - started:.0f} s")
     return summary
+
+
+def validate_package(package: Path, store: Path, out: Path, console: Console) -> None:
+    """What a new hospital does with the signed package: `fedrad validate --trust` with the public key the
+    package stage wrote beside it (here the held-out site's own store; its figures equal the federated ones)."""
+    from fedrad.client.validate import metrics_table as validation_table, validate
+    from fedrad.server.package import trust_file
+
+    trust = trust_file(package)
+    console.rule("4. a new hospital validates the signed package offline")
+    console.print(f"fedrad validate --package {package} --trust {trust} --store {store} --out {out}", markup=False,
+                  highlight=False)
+    report = validate(package, store, out, trust)
+    console.print(table_of(validation_table(report), f"validation of the package on {store.name}'s store, "
+                                                     f"signature checked (key {report['signed_by']})"))
+    console.print(f"predictions and metrics: {out}")
 
 
 def demo_study(validation: list[str]) -> str:

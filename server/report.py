@@ -19,6 +19,7 @@ import pandas as pd
 from fedrad.client.metrics_table import fmt
 from fedrad.client.report import (REPORT, curves, image_file, metrics_html, png, pyplot, table,
                                   template_environment)
+from fedrad.server.summary import left_out_lines, status_phrase
 
 __all__ = ["REPORT", "write_report"]
 
@@ -201,8 +202,9 @@ def write_report(run_dir: Path, results: dict, *, extra_images: list[Path] = ())
     run_dir = Path(run_dir)
     stages = pd.DataFrame([{"stage": k, **v} for k, v in results.get("stages", {}).items()])
     page = _TEMPLATES.get_template("study_report.html").render(
-        title=f"fedrad study '{results.get('study', '')}' — {results.get('status', '')}",
-        error=results.get("error"), run_id=results.get("run_id"), started=results.get("started"),
+        title=f"fedrad study '{results.get('study', '')}' — {status_phrase(results)}",
+        error=results.get("error"), left_out=left_out_lines(results), run_id=results.get("run_id"),
+        started=results.get("started"),
         ended=results.get("ended", ""), stages=table(stages) if len(stages) else None,
         cohort=cohort_section(results), harmonisation=harmonisation_section(results, run_dir),
         extra_images=[image for p in extra_images if (image := image_file(p))], selection=selection_section(results),

@@ -67,12 +67,34 @@ def test_credentials_layout_modes_and_names(credentials):
         assert (c / "sites" / site / f"{site}.pub").read_text().split()[-1] == site  # the comment names the site
 
 
+def test_credentials_hold_a_package_signing_key_pair_fedrad_signs_and_verifies_with(credentials, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from fedrad.common.package import read_package
+    from fedrad.common.signing import key_id, load_public_key
+    from fedrad.common.study import parse_study
+    from fedrad.server.package import load_signing_key, write_package
+    from tests.server.test_package_signing import RESULTS, STUDY  # a hand-written finished run
+
+    c = credentials
+    assert (c / "package-signing.key").stat().st_mode & 0o777 == 0o600
+    assert (c / "package-signing.pub").stat().st_mode & 0o777 == 0o644
+    private, public = load_signing_key(c / "package-signing.key"), load_public_key(c / "package-signing.pub")
+    assert isinstance(public, Ed25519PublicKey) and key_id(private.public_key()) == key_id(public)
+    package = write_package(tmp_path / "run", RESULTS, parse_study(STUDY), sign_key=c / "package-signing.key")
+    assert read_package(package, public)["run_id"] == RESULTS["run_id"]
+    made = make_credentials(tmp_path / "fresh")
+    assert "package signing: created" in made.stdout and "--sign-key" in made.stdout and "--trust" in made.stdout
+
+
 def test_credentials_rerun_keeps_the_ca_and_site_keys(tmp_path):
     out = tmp_path / "c"
     assert make_credentials(out, "--host", "a.example.org", "--site", "siteA").returncode == 0
-    before = {p: (out / p).read_bytes() for p in ("ca.key", "ca.crt", "superlink.pem", "sites/siteA/siteA.key")}
+    before = {p: (out / p).read_bytes() for p in ("ca.key", "ca.crt", "superlink.pem", "sites/siteA/siteA.key",
+                                                  "package-signing.key", "package-signing.pub")}
     again = make_credentials(out, "--host", "a.example.org", "--site", "siteA", "--site", "siteB")
     assert again.returncode == 0 and "keeping" in again.stdout
+    assert "package signing: keeping" in again.stdout
     assert {p: (out / p).read_bytes() for p in before} == before  # nothing replaced
     assert (out / "sites" / "siteB" / "siteB.key").is_file()
     moved = make_credentials(out, "--host", "b.example.org")  # a new host name: a new server certificate, same CA
@@ -89,6 +111,10 @@ def test_credentials_rerun_keeps_the_ca_and_site_keys(tmp_path):
     fresh = make_credentials(out, "--new-ca")
     assert fresh.returncode == 0 and (out / "ca.key").read_bytes() != before["ca.key"]
     assert (out / "sites" / "siteA" / "siteA.key").read_bytes() == before["sites/siteA/siteA.key"]
+    assert (out / "package-signing.key").read_bytes() == before["package-signing.key"]  # hospitals hold its .pub
+    (out / "package-signing.pub").unlink()  # a lost public half is made again from the key
+    assert make_credentials(out).returncode == 0
+    assert (out / "package-signing.pub").read_bytes() == before["package-signing.pub"]
     subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "superlink.pem")], check=True,
                    capture_output=True)
 
@@ -154,7 +180,7 @@ def test_k8s_manifests():
 def test_k8s_kustomization_renders(tmp_path):
     shutil.copytree(DEPLOY / "k8s", tmp_path / "k8s")
     (tmp_path / "k8s" / "credentials").mkdir()
-    for name in ("ca.crt", "superlink.pem", "superlink.key"):
+    for name in ("ca.crt", "superlink.pem", "superlink.key", "package-signing.key"):
         (tmp_path / "k8s" / "credentials" / name).write_text("placeholder\n")
     rendered = subprocess.run(["kubectl", "kustomize", str(tmp_path / "k8s")], capture_output=True, text=True,
                               timeout=120)

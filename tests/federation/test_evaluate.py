@@ -74,6 +74,11 @@ def evaluated(tmp_path_factory):
     return table, stores, results, root / "run"
 
 
+def _trust(run):
+    """The public half of the key the run's package stage signed with (one per run directory), beside the package."""
+    return run / "package-signing.pub"
+
+
 def _scored(stores, site, results, model):
     rows = pd.read_parquet(stores[site] / "standardised.parquet")
     coefficients = results["models"][model]["coefficients"]
@@ -157,7 +162,7 @@ def test_calibration_slope_and_km_risk_groups(evaluated):
 
 def test_offline_validation_reproduces_the_federated_figures(evaluated, tmp_path):
     table, stores, results, run = evaluated
-    report = validate(run / "package", stores["siteD"], tmp_path / "out")
+    report = validate(run / "package", stores["siteD"], tmp_path / "out", _trust(run))
     federated = results["evaluation"]["siteD"]
     for model in ("rad", "rad_logit"):
         for key in ("c_index", "c_index_ci", "auc", "auc_ci", "calibration_slope", "sensitivity", "specificity",
@@ -184,10 +189,10 @@ def test_validate_refuses_other_extraction_settings_and_missing_features(evaluat
     other = tmp_path / "other.yaml"
     other.write_text((TEST_DATA / "pyradiomics_baseline.yaml").read_text().replace("binWidth: 25", "binWidth: 5"))
     with pytest.raises(PackageError, match="extracted with other pyradiomics settings"):
-        validate(run / "package", _site_d_store(tmp_path / "a", table, params=other), tmp_path / "out")
+        validate(run / "package", _site_d_store(tmp_path / "a", table, params=other), tmp_path / "out", _trust(run))
     with pytest.raises(PackageError, match="lacks 1 feature.*table__original_firstorder_F03"):
         validate(run / "package", _site_d_store(tmp_path / "b", table, drop=["original_firstorder_F03"]),
-                 tmp_path / "out")
+                 tmp_path / "out", _trust(run))
 
 
 def test_report_is_one_self_contained_html_file(evaluated, tmp_path):
@@ -200,6 +205,6 @@ def test_report_is_one_self_contained_html_file(evaluated, tmp_path):
         assert section in text, section
     assert text.count("data:image/png;base64,") >= 3
     assert "src=\"http" not in text and "<link" not in text  # nothing fetched from elsewhere
-    report = validate(run / "package", stores["siteD"], tmp_path / "out")
+    report = validate(run / "package", stores["siteD"], tmp_path / "out", _trust(run))
     page = write_validation_report(tmp_path / "out", report).read_text(encoding="utf-8")
     assert "rad_logit" in page and "data:image/png;base64," in page

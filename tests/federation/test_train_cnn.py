@@ -210,6 +210,6 @@ def test_deep_features_and_the_dl_score_enter_a_model_and_the_package_scores_a_n
     fresh = root / "fresh_siteD"
     prepare_from_manifest(root / "cohort" / "siteD" / "manifest.csv", fresh, params_path=default_params_path("demo"),
                           jobs=1)
-    report = validate(package, fresh, root / "validate_out")
+    report = validate(package, fresh, root / "validate_out", root / "run" / "package-signing.pub")
     assert report["metrics"]["dlr"]["c_index"] == pytest.approx(federated["c_index"], abs=1e-9)
     assert not (fresh / "scores.parquet").exists()  # the hospital's store is never written

@@ -1,4 +1,5 @@
-"""Load: the harmonise stage and a Cox fit with 3, 10 and 30 SuperNodes on one machine.
+"""Load: the harmonise stage and a Cox fit with 3, 10 and 30 SuperNodes on one machine, each N with
+the sites' stock Flower runtime and with fedrad's warm runtime side by side (``--runtime``).
 
 One SuperLink and N SuperNodes on loopback (`fedrad.server.local.LocalFederation`), small stores
 (``--cases`` per site, ``--features`` radiomics-like columns, batch = site), one study:
@@ -29,7 +30,11 @@ round waits for ``round_timeout_s`` and goes on without that site (harmonise res
 it). The run shows those as replies_dropped / db_locked. Absolute times depend on what else the
 machine runs (see the load columns). Usage:
 
-    .venv/bin/python bench/scale.py [--sites 3 10 30] [--cases 36] [--features 8] [--state memory file]
+In the warm runtime (fedrad/client/warm_runtime.py) a site's "flwr-clientapp process" is a fork of its fork
+server (the same accounting: its start, lifetime and CPU seconds); the fixed import cost below is what the fork
+skips.
+
+    .venv/bin/python bench/scale.py [--sites 3 10 30] [--runtime stock warm] [--cases 36] [--features 8] [--state memory file]
                                     [--site-nice 0] [--round-timeout-s 300]
 """
 
@@ -160,11 +165,14 @@ class Sampler:
             self.sample()
             self._stop.wait(SAMPLE_S)
 
-    def _kind(self, key: tuple[int, float]) -> str:
+    def _kind(self, key: tuple[int, float], ppid: int = 0) -> str:
         if key not in self._kinds:
             cmd = _cmdline(key[0])
-            self._kinds[key] = ("serverapp" if "flwr-serverapp" in cmd else "clientapp" if "flwr-clientapp" in cmd
-                                else "superexec" if "flower-superexec" in cmd else "other")
+            # the warm runtime's tasks are forks of its fork server: same command line, the fork server as parent
+            forked_task = "--fork-server" in cmd and "--fork-server" in _cmdline(ppid)
+            self._kinds[key] = ("serverapp" if "flwr-serverapp" in cmd
+                                else "clientapp" if "flwr-clientapp" in cmd or forked_task
+                                else "superexec" if "superexec" in cmd else "other")
         return self._kinds[key]
 
     def sample(self) -> None:
@@ -197,7 +205,7 @@ class Sampler:
                 rss = _rss_mb(pid)
                 mb["sites"] += rss
                 key = (pid, stats[pid][1])
-                if self._kind(key) == "clientapp":
+                if self._kind(key, stats[pid][0]) == "clientapp":
                     running += 1
                     app = self.apps.setdefault(key, AppProcess(site, stats[pid][1], now))
                     app.last_seen, app.cpu_s, app.rss_mb = now, stats[pid][2], max(app.rss_mb, rss)
@@ -281,13 +289,13 @@ class BenchFederation(LocalFederation):
         if name == "superlink" and self.memory_state and "--database" in command:
             at = command.index("--database")
             command = command[:at] + command[at + 2:]
-        if name.startswith("site-") and self.site_nice:
+        if name.startswith(("site-", "exec-")) and self.site_nice:
             command = ["nice", "-n", str(self.site_nice)] + command  # nice execs: the pid is the SuperNode's
         super()._spawn(name, command, threads)
 
 
 def bench(n_sites: int, cases: int, n_features: int, tmp: Path, wait_s: float, round_s: float,
-          state: str, site_nice: int) -> tuple[dict, pd.DataFrame]:
+          state: str, site_nice: int, runtime: str = "warm") -> tuple[dict, pd.DataFrame]:
     sizes = {f"site{i + 1:02d}": cases for i in range(n_sites)}
     stores = write_stores(tmp / f"stores{n_sites}", hospital_rows(seed=7, sizes=sizes, n_features=n_features))
     study = tmp / f"study{n_sites}.toml"
@@ -298,8 +306,9 @@ def bench(n_sites: int, cases: int, n_features: int, tmp: Path, wait_s: float, r
     sampler = None
     try:
         with BenchFederation(tmp / f"fed{n_sites}", stores, echo=lambda line: None, memory_state=state == "memory",
-                             site_nice=site_nice) as fed:
-            nodes = {fed.processes[f"site-{s}"].pid: s for s in stores}
+                             site_nice=site_nice, runtime=runtime) as fed:
+            nodes = {fed.processes[f"{kind}-{s}"].pid: s for s in stores for kind in ("site", "exec")
+                     if f"{kind}-{s}" in fed.processes}  # the warm runtime's SuperExec runs beside its SuperNode
             sampler = Sampler(fed.processes["superlink"].pid, nodes).start()
             spawned = time.time() - started
             results = fed.run_study(study, run_dir)
@@ -311,7 +320,7 @@ def bench(n_sites: int, cases: int, n_features: int, tmp: Path, wait_s: float, r
         if sampler is not None and sampler._thread.is_alive():
             sampler.stop()
     wall = time.time() - started
-    row = {"sites": n_sites, "state": state, "nice": site_nice, "cases": n_sites * cases, "status": results["status"],
+    row = {"sites": n_sites, "runtime": runtime, "state": state, "nice": site_nice, "cases": n_sites * cases, "status": results["status"],
            "wall_s": wall, "spawn_s": spawned}
     breakdown = pd.DataFrame()
     try:
@@ -329,6 +338,7 @@ def bench(n_sites: int, cases: int, n_features: int, tmp: Path, wait_s: float, r
         breakdown = round_breakdown(log, list(sampler.apps.values()) if sampler else [])
         breakdown.insert(0, "sites", n_sites)
         breakdown.insert(1, "state", state)
+        breakdown.insert(2, "runtime", runtime)
     logs = tmp / f"fed{n_sites}" / "logs"
     # a SuperNode whose reply push fails (HTTP 500) drops the reply: the round then waits for its timeout
     row["replies_dropped"] = sum(p.read_text(errors="replace").count("Failed to send message")
@@ -361,6 +371,8 @@ def main() -> None:
     parser.add_argument("--state", choices=["file", "memory"], nargs="+", default=["memory"],
                         help="SuperLink state: in memory, or an SQLite file as `fedrad local` runs it (with 30 "
                              "sites the file gets locked and replies are lost; see above)")
+    parser.add_argument("--runtime", choices=["warm", "stock"], nargs="+", default=["stock", "warm"],
+                        help="the sites' runtime (fedrad/client/warm_runtime.py), measured side by side")
     parser.add_argument("--site-nice", type=int, default=0,
                         help="nice value of the sites' processes (0: same priority as the coordinator's)")
     args = parser.parse_args()
@@ -370,11 +382,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for state in args.state:
             for n in args.sites:
-                row, breakdown = bench(n, args.cases, args.features, Path(tmp) / state, args.wait_for_sites_s,
-                                       args.round_timeout_s, state, args.site_nice)
-                rows.append(row)
-                breakdowns.append(breakdown.assign(state=state) if not breakdown.empty else breakdown)
-                print(f"{n} sites, {state} state: {row['status']} in {row['wall_s']:.0f} s", flush=True)
+                for runtime in args.runtime:  # side by side at each N: the machine's load drifts less between them
+                    row, breakdown = bench(n, args.cases, args.features, Path(tmp) / state / runtime,
+                                           args.wait_for_sites_s, args.round_timeout_s, state, args.site_nice, runtime)
+                    rows.append(row)
+                    breakdowns.append(breakdown)
+                    print(f"{n} sites, {runtime} runtime, {state} state: {row['status']} in {row['wall_s']:.0f} s",
+                          flush=True)
     frame = pd.DataFrame(rows)
     errors = frame.pop("error") if "error" in frame else pd.Series([""] * len(frame))
     detail = pd.concat(breakdowns, ignore_index=True)
@@ -382,16 +396,16 @@ def main() -> None:
     with pd.option_context("display.width", 250, "display.max_columns", 60, "display.float_format", "{:.2f}".format):
         print(frame.drop(columns=memory).to_string(index=False))
         print()
-        print(frame[["sites", "state"] + memory].to_string(index=False))
+        print(frame[["sites", "runtime", "state"] + memory].to_string(index=False))
         print()
         if not detail.empty:
-            first = detail.groupby(["state", "stage"])["s_per_round"].transform("first")
+            first = detail.groupby(["runtime", "state", "stage"])["s_per_round"].transform("first")
             detail.insert(5, "vs_first_N", detail["s_per_round"] / first)
             detail.insert(detail.columns.get_loc("app_cpu_s") + 1, "work_cpu_s", detail["app_cpu_s"] - cost_cpu)
             print(detail.to_string(index=False))
-    for n, state, error in zip(frame["sites"], frame["state"], errors):
+    for n, runtime, state, error in zip(frame["sites"], frame["runtime"], frame["state"], errors):
         if isinstance(error, str) and error:
-            print(f"{n} sites, {state} state, failed: {error}")
+            print(f"{n} sites, {runtime} runtime, {state} state, failed: {error}")
     print(f"fixed cost of one flwr-clientapp process: {cost_cpu:.2f} CPU s, {cost_wall:.2f} s wall (a fresh "
           "interpreter importing flwr.supernode.cli and fedrad.client.site_app, median of 3, measured before the "
           "federations started); work_cpu_s = app_cpu_s minus this: the site's work on one message (the sampler "
@@ -405,11 +419,16 @@ def main() -> None:
           "(shared pages divided among their users: closer to the memory taken); coordinator = superlink + its "
           "superexec + serverapp; sites = all SuperNodes, their superexecs and flwr-clientapp processes; "
           "apps_at_once: most flwr-clientapp processes alive in one sample")
-    for state, d in detail.groupby("state", sort=False) if not detail.empty else []:
+    if {"stock", "warm"} <= set(frame["runtime"]):
+        paired = frame.pivot_table(index=["sites", "state"], columns="runtime", values="wall_s")
+        for (n, state), wall in paired.iterrows():
+            print(f"N={n}, {state} state: wall time stock {wall['stock']:.0f} s, warm {wall['warm']:.0f} s "
+                  f"(warm/stock {wall['warm'] / wall['stock']:.2f})")
+    for (runtime, state), d in detail.groupby(["runtime", "state"], sort=False) if not detail.empty else []:
         per_n = d.groupby("sites").apply(lambda g: np.average(g["s_per_round"], weights=g["round_trips"]),
                                          include_groups=False)
         growth = per_n.iloc[-1] / per_n.iloc[0]
-        print(f"{state} state, seconds per round trip (all stages): "
+        print(f"{runtime} runtime, {state} state, seconds per round trip (all stages): "
               + ", ".join(f"N={n}: {v:.1f}" for n, v in per_n.items())
               + f"; grows with N: {'yes' if growth > 1.25 else 'no'} ({growth:.1f}x from N={per_n.index[0]} "
               f"to N={per_n.index[-1]})")

@@ -81,9 +81,11 @@ def prepare(
         None, "--segment", help="Segmentation model (a study's RUN_DIR/segmentation folder or its model.npz): "
                                 "rows with an empty mask get an automatic mask (marked in the store)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store in --out that was built from "
+                                                             "another manifest or table."),
 ):
     """Check every case and build the site's feature store (exit 3 if any case was quarantined)."""
-    from fedrad.client.prepare import prepare_from_manifest
+    from fedrad.client.prepare import PrepareInterrupted, prepare_from_manifest
     from fedrad.client.table_import import prepare_from_table
 
     if (manifest is None) == (table is None):
@@ -95,13 +97,17 @@ def prepare(
             report = prepare_from_manifest(
                 manifest, out, params_path=params, jobs=jobs, phases=_split(phases) or None, label=label,
                 min_voxels=min_voxels, required_clinical=_split(require), show_progress=not quiet, segment=segment,
+                overwrite=overwrite,
             )
         else:
             report = prepare_from_table(
                 table, out, id_col=id_col, time_col=time_col, event_col=event_col, scanner_col=scanner_col,
                 clinical_cols=_split(clinical_cols), required_clinical=_split(require), params_path=params,
-                phase=table_phase,
+                phase=table_phase, overwrite=overwrite,
             )
+    except PrepareInterrupted as exc:
+        console.print(f"[yellow]{exc}[/yellow]")
+        raise typer.Exit(130)
     except FedradError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
@@ -122,6 +128,8 @@ def _print_report(report) -> None:
     )
     for notice in report.notices:
         console.print(f"[yellow]notice:[/yellow] {notice}")
+    for note in getattr(report, "info", ()):
+        console.print(f"note: {note}")
     if report.problems:
         table = Table("patient_id", "field", "reason", title="quarantined (also in quarantine.csv)")
         for problem in report.problems:
@@ -133,18 +141,21 @@ def _print_report(report) -> None:
 def validate(
     package: Path = typer.Option(..., "--package", help="A model package (RUN_DIR/package of a finished study)."),
     store: Path = typer.Option(..., "--store", help="This hospital's feature store (`fedrad prepare`)."),
+    trust: Path = typer.Option(..., "--trust", help="The coordinator's package-signing public key (PEM, "
+                                                    "package-signing.pub); an unsigned or altered package is refused."),
     out: Path = typer.Option(Path("validation-out"), "--out"),
 ):
     """Validate a finished model package on this hospital's store, offline: harmonise, score, metrics."""
     from fedrad.client.validate import metrics_table, validate as run_validation
 
     try:
-        report = run_validation(package, store, out)
+        report = run_validation(package, store, out, trust)
     except FedradError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     from fedrad.client.report import write_validation_report
 
+    console.print(f"package signature verified: signed by key {report['signed_by']} ({trust})", highlight=False)
     console.print(table_of(metrics_table(report), f"validation of study '{report['study']}' on {store}"))
     console.print(f"per-case predictions: {out / 'predictions.csv'} (they stay here); metrics: {out / 'metrics.json'}")
     console.print(f"report: {write_validation_report(out, report)}")
@@ -191,10 +202,14 @@ def site_join(
     min_count: Optional[int] = typer.Option(None, "--min-count", help="This site's minimum, if above the study's."),
     allow_event_times: bool = typer.Option(False, "--allow-event-times",
                                            help="Consent to share this site's event times (unstratified Cox)."),
+    runtime: str = typer.Option("warm", "--runtime", help="warm: one forked process per message from a process "
+                                "that has fedrad loaded, short polls (fedrad-supernode + fedrad-superexec, "
+                                "supervised here); stock: Flower's flower-supernode as it ships."),
 ):
-    """Join a consortium: run flower-supernode with this site's store (replaces this process)."""
+    """Join a consortium: run this site's SuperNode with its store until it stops."""
     from fedrad.client.store import open_store
     from fedrad.client.flower_process import flower_bin, flower_env
+    from fedrad.client.warm_runtime import NODE_POLL_ENV, RUNTIMES, supervise_site, supernode_command
 
     try:
         opened = open_store(store)  # refuse a missing or broken store before connecting
@@ -214,11 +229,18 @@ def site_join(
         node_config += f" min-count={min_count}"
     if allow_event_times:
         node_config += " allow-event-times=true"
-    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config",
-               node_config]
+    if runtime not in RUNTIMES:
+        raise typer.BadParameter(f"--runtime must be one of {', '.join(RUNTIMES)}")
+    command = [*supernode_command(runtime), "--superlink", superlink, "--port", str(port),
+               "--node-config", node_config]
     command += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
     if auth_key:
         command += ["--auth-supernode-private-key", str(auth_key)]
     console.print("starting: " + " ".join(command), markup=False)
     home = Path(store).absolute() / ".flwr"
-    os.execvpe(command[0], command, flower_env(home))
+    if runtime == "stock":
+        os.execvpe(command[0], command, flower_env(home))
+    echo = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
+    env = flower_env(home)
+    env.setdefault(NODE_POLL_ENV, "1.0")  # a real consortium: N sites polling one SuperLink (`fedrad local`: 0.2 s)
+    raise typer.Exit(supervise_site(command, env, f"127.0.0.1:{port}", echo=echo))

@@ -13,7 +13,8 @@ from fedrad.common.errors import FedradError
 
 from fedrad.client import cli as site_cli
 from fedrad.client.cli import _read_or_exit, console, table_of
-from fedrad.server.summary import print_results
+from fedrad.server.preflight import preflight_or_exit
+from fedrad.server.summary import exit_status, print_results
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated radiomics: build and validate prognosis models across hospitals.")
@@ -40,8 +41,12 @@ def local(
     dashboard: bool = typer.Option(False, "--dashboard", help="Serve the live dashboard of this run on loopback "
                                                               "while it runs (`fedrad dashboard`)."),
     dashboard_port: int = typer.Option(8765, "--dashboard-port", help="Port of --dashboard (0: any free port)."),
+    runtime: str = typer.Option("warm", "--runtime", help="warm: each site's messages run in processes forked "
+                                "from one that has fedrad loaded, with short polls; stock: Flower's processes "
+                                "as they ship (a fresh interpreter per message)."),
 ):
     """Run a study on a local federation: a real SuperLink and one SuperNode per site, on loopback."""
+    preflight_or_exit(study, parse_sites(site))  # the study and every store, before any process starts
     from contextlib import nullcontext
 
     from fedrad.server.local import LocalFederation
@@ -55,7 +60,8 @@ def local(
             beside = dashboard_beside(out.absolute(), dashboard_port, echo=echo)
         else:
             beside = nullcontext()
-        with beside, LocalFederation(out, sites, echo=echo, allow_event_times=allow_event_times) as fed:
+        with beside, LocalFederation(out, sites, echo=echo, allow_event_times=allow_event_times,
+                                     runtime=runtime) as fed:
             results = fed.run_study(study, out)
     except KeyboardInterrupt:
         console.print("[red]interrupted: every Flower process started for this run has been stopped")
@@ -64,7 +70,7 @@ def local(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     print_results(results, out)
-    raise typer.Exit(0 if results["status"] == "completed" else 1)
+    raise typer.Exit(exit_status(results))
 
 
 def status(run_dir: Path = typer.Argument(..., help="A run directory (holds runlog.sqlite).")):
@@ -109,24 +115,33 @@ def dashboard(
 
 
 def package(run_dir: Path = typer.Argument(..., help="A finished run directory (results.json, study.toml)."),
-            out: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default RUN_DIR/package).")):
-    """Build the model package a new site validates with (`fedrad validate`) from a finished run."""
+            out: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default RUN_DIR/package)."),
+            sign_key: Optional[Path] = typer.Option(
+                None, "--sign-key", help="The coordinator's package-signing key (PEM Ed25519, "
+                                         "deploy/make-credentials.sh); default: the key the run's package stage "
+                                         "used (RUN_DIR/signing-key.path, else RUN_DIR/package-signing.key).")):
+    """Build and sign the model package a new site validates with (`fedrad validate`) from a finished run."""
     import json
 
     from fedrad.common.errors import FedradError
     from fedrad.common.study import load_study
     from fedrad.server.package import write_package
+    from fedrad.server.summary import package_lines
 
     try:
         results = json.loads((run_dir / "results.json").read_text())
-        written = write_package(run_dir, results, load_study(run_dir / "study.toml"), out)
+        written = write_package(run_dir, results, load_study(run_dir / "study.toml"), out, sign_key=sign_key)
     except FileNotFoundError as exc:
         console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    except json.JSONDecodeError as exc:
+        console.print(f"[red]error:[/] {run_dir / 'results.json'} is not valid JSON ({exc})", highlight=False)
         raise typer.Exit(2)
     except FedradError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
-    console.print(f"model package: {written}")
+    for line in package_lines(written):
+        console.print(line, markup=False, highlight=False)
 
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="Commands the coordinator runs.")
@@ -147,13 +162,29 @@ def coordinator_run(
     root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", "--ca",
                                                      help="The consortium's CA certificate, ca.crt (TLS)."),
     insecure: bool = typer.Option(False, "--insecure"),
+    sign_key: Optional[Path] = typer.Option(
+        None, "--sign-key", help="The consortium's package-signing key (package-signing.key from "
+                                 "deploy/make-credentials.sh), read by the ServerApp: the package stage signs with "
+                                 "it. Needed when the study has a package stage (with --insecure: a key made for "
+                                 "this run directory)."),
 ):
     """Submit a study to a running SuperLink and follow it (`flwr run --stream`)."""
+    from fedrad.common.study import load_study
     from fedrad.server.local import prepare_run_dir, submit, write_connection
+    from fedrad.server.package import name_signing_key
 
     if not insecure and root_certificates is None:
         raise typer.BadParameter("give --ca (the consortium's ca.crt), or --insecure for a loopback rehearsal")
     out = out.absolute()
+    try:
+        if sign_key is None and not insecure and "package" in load_study(study).study.stages:
+            raise typer.BadParameter("the study's package stage signs the model package: give --sign-key "
+                                     "CREDENTIALS/package-signing.key (deploy/make-credentials.sh makes it)")
+        out.mkdir(parents=True, exist_ok=True)
+        name_signing_key(out, sign_key.absolute() if sign_key else None)
+    except FedradError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     run_config = prepare_run_dir(out, study, expected_sites=sites)
     home = out / "flwr" / "cli"
@@ -166,7 +197,7 @@ def coordinator_run(
         console.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(2)
     print_results(results, out)
-    raise typer.Exit(0 if results["status"] == "completed" else 1)
+    raise typer.Exit(exit_status(results))
 
 
 @app.command()

@@ -22,7 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import httpx
 
 from fedrad import common
 from fedrad.client.flower_process import flower_bin, flower_env
+from fedrad.client.warm_runtime import RUNTIMES, superexec_command, supernode_command
 from fedrad.common.errors import FedradError
 from fedrad.common.study import load_study
 from fedrad.server.study_app import RESULTS, STUDY
@@ -142,13 +143,20 @@ class LocalFederation:
     """SuperLink + one SuperNode per site on loopback; a context manager that always cleans up."""
 
     def __init__(self, workdir: Path, sites: dict[str, Path], *, echo=print, min_count: int | None = None,
-                 allow_event_times: bool = False):
+                 allow_event_times: bool = False, runtime: str = "warm"):
         self.workdir = Path(workdir).absolute()
         self.sites = {name: Path(store).absolute() for name, store in sites.items()}
         self.echo = echo
         self.min_count = min_count
         self.allow_event_times = allow_event_times
+        if runtime not in RUNTIMES:
+            raise FederationError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        self.runtime = runtime
         self.processes: dict[str, subprocess.Popen] = {}
+        self._runtime_ports: dict[str, int] = {}
+        self._watchdog: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._sites_lock = threading.RLock()  # the watchdog never sees a site half started or half stopped
         self.port = 0
 
     def __enter__(self) -> "LocalFederation":
@@ -185,14 +193,43 @@ class LocalFederation:
 
     def start_site(self, name: str) -> None:
         """A site's SuperNode; also how a stopped site comes back (it gets a new node id)."""
+        with self._sites_lock:
+            self._start_site(name)
+
+    def _start_site(self, name: str) -> None:
         node_config = f"store={json.dumps(str(self.sites[name]))} site-name={json.dumps(name)}"
         if self.min_count:
             node_config += f" min-count={int(self.min_count)}"
         if self.allow_event_times:
             node_config += " allow-event-times=true"
-        self._spawn(f"site-{name}", [flower_bin("flower-supernode"), "--insecure", "--superlink",
-                                     f"127.0.0.1:{self.port}", "--port", str(free_port()),
+        runtime_port = free_port()
+        self._spawn(f"site-{name}", [*supernode_command(self.runtime), "--insecure", "--superlink",
+                                     f"127.0.0.1:{self.port}", "--port", str(runtime_port),
                                      "--node-config", node_config], threads=self._threads_per_site())
+        if self.runtime == "warm":
+            self._runtime_ports[name] = runtime_port
+            self._start_superexec(name)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._restart_dead_superexecs, daemon=True)
+                self._watchdog.start()
+
+    def _start_superexec(self, name: str) -> None:
+        self._spawn(f"exec-{name}", superexec_command(f"127.0.0.1:{self._runtime_ports[name]}",
+                                                      self.processes[f"site-{name}"].pid),
+                    threads=self._threads_per_site())
+
+    def _restart_dead_superexecs(self, poll_s: float = 1.0) -> None:
+        """What `fedrad site join` does at a site: a warm SuperExec that died beside a live SuperNode is
+        reported and started again."""
+        while not self._stopping.wait(poll_s):
+            with self._sites_lock:
+                for name in list(self._runtime_ports):
+                    node, executor = self.processes.get(f"site-{name}"), self.processes.get(f"exec-{name}")
+                    if node and executor and node.poll() is None and executor.poll() is not None \
+                            and not self._stopping.is_set():
+                        self.echo(f"site {name}: its warm SuperExec exited with {executor.returncode}; "
+                                  "starting it again")
+                        self._start_superexec(name)
 
     def restart_superlink(self, sig: int = signal.SIGKILL) -> None:
         """Stop the SuperLink (by default as a crash would) and start it again on the same port and
@@ -245,10 +282,17 @@ class LocalFederation:
         return submit(run_dir, run_config, cli_home, self.echo)
 
     def stop_site(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Stop one site's SuperNode (a site going down mid-study)."""
-        signal_group(self.processes[f"site-{name}"].pid, sig)
+        """Stop one site's SuperNode (a site going down mid-study), and its warm SuperExec."""
+        with self._sites_lock:
+            self._runtime_ports.pop(name, None)  # not to be restarted: the site is down on purpose
+            signal_group(self.processes[f"site-{name}"].pid, sig)
+            if f"exec-{name}" in self.processes:
+                signal_group(self.processes[f"exec-{name}"].pid, sig)
 
     def close(self) -> None:
+        self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
         stop_processes(self.processes.values())
         self.processes.clear()
 

@@ -29,7 +29,7 @@ demo: $(STAMP)
 # Debian packages the tests drive for real: chromium (the dashboard, through playwright; no browser
 # download) and nginx (the proxy in deploy/). Installed only when missing.
 # kubectl renders deploy/k8s (kustomize), openssl and ssh-keygen make the consortium's credentials. Only the missing
-# ones: a kubectl from another package (google-cloud-sdk's) would conflict with Debian's kubernetes-client.
+# ones (chattr: a read-only --out for root in the prepare tests): a kubectl from another package (google-cloud-sdk's) would conflict with Debian's kubernetes-client.
 $(SYSTEM): $(STAMP)
 	missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
@@ -37,6 +37,7 @@ $(SYSTEM): $(STAMP)
 	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v ssh-keygen >/dev/null || missing="$$missing openssh-client"; \
+	command -v chattr >/dev/null || missing="$$missing e2fsprogs"; \
 	[ -z "$$missing" ] || { export DEBIAN_FRONTEND=noninteractive; $(SUDO) apt-get install -y -q $$missing || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; }; }
 	touch $(SYSTEM)

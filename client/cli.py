@@ -208,7 +208,7 @@ def site_join(
 ):
     """Join a consortium: run this site's SuperNode with its store until it stops."""
     from fedrad.client.store import open_store
-    from fedrad.client.flower_process import flower_bin, flower_env
+    from fedrad.client.flower_process import flower_env
     from fedrad.client.warm_runtime import NODE_POLL_ENV, RUNTIMES, supervise_site, supernode_command
 
     try:

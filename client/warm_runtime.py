@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from fedrad.client.flower_process import flower_bin
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import fedrad.client.warm_runtime as warm
-from fedrad.server.local import LocalFederation, descendants
+from fedrad.server.local import LocalFederation, _alive, descendants
 from fedrad.server.runlog import read_runlog
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import aligned, read_site_outputs, write_study
@@ -168,15 +168,7 @@ def test_site_join_supervises_its_superexec_and_stops_both(cohort, tmp_path):
         if join.poll() is None:
             os.killpg(join.pid, signal.SIGKILL)
     assert "warm SuperExec" in output and "starting it again" in output
-    assert not _not_zombie(node) and not _not_zombie(again)  # both ended with the supervisor
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not _alive(node) and not _alive(again)  # both ended with the supervisor
 
 
 def _wait_for_child(parent: int, command: str, other_than: int | None = None, timeout_s: float = 60) -> int:
@@ -187,7 +179,7 @@ def _wait_for_child(parent: int, command: str, other_than: int | None = None, ti
                 cmdline = open(f"/proc/{pid}/cmdline").read()
             except FileNotFoundError:
                 continue
-            if command in cmdline and pid != other_than and _not_zombie(pid):
+            if command in cmdline and pid != other_than and _alive(pid):
                 return pid
         time.sleep(0.2)
     raise AssertionError(f"no {command} under pid {parent} within {timeout_s} s")

@@ -46,7 +46,7 @@ def bench(n_sites: int, cases: int, n_features: int, tmp: Path) -> dict:
     stores = write_stores(tmp / f"stores{n_sites}", table)
     features = [c for c in table.columns if c.startswith("original_")]
     study = tmp / f"study{n_sites}.toml"
-    study.write_text(STUDY)
+    study.write_text(STUDY, encoding="utf-8")
     started = time.perf_counter()
     with LocalFederation(tmp / f"fed{n_sites}", stores, echo=lambda line: None) as fed:
         up = time.perf_counter() - started

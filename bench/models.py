@@ -102,7 +102,7 @@ def main() -> None:
             rows.drop(columns="site").to_csv(tmp / f"{site}.csv", index=False)
             stores[site] = tmp / "stores" / site
             prepare_from_table(tmp / f"{site}.csv", stores[site])
-        (tmp / "study.toml").write_text(STUDY)
+        (tmp / "study.toml").write_text(STUDY, encoding="utf-8")
         with LocalFederation(tmp / "fed", stores, echo=lambda line: None, allow_event_times=True) as fed:
             results = fed.run_study(tmp / "study.toml", tmp / "run")
     if results["status"] != "completed":

@@ -81,14 +81,14 @@ round_timeout_s = {round_s}
 STAGES = ("census", "harmonise", "fit")
 SAMPLE_S = 0.25
 TICK = os.sysconf("SC_CLK_TCK")
-BOOT = time.time() - float(Path("/proc/uptime").read_text().split()[0])  # epoch of boot, ~10 ms
+BOOT = time.time() - float(Path("/proc/uptime").read_text(encoding="utf-8").split()[0])  # epoch of boot, ~10 ms
 
 
 def _stat(pid: int) -> tuple[int, float, float] | None:
     """(parent pid, start epoch, CPU seconds) of a process; None once it is gone or a zombie
     (exited, not yet reaped by its parent)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     if fields[0] == "Z":
@@ -98,7 +98,7 @@ def _stat(pid: int) -> tuple[int, float, float] | None:
 
 def _rss_mb(pid: int) -> float:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -109,7 +109,7 @@ def _rss_mb(pid: int) -> float:
 def _pss_mb(pid: int) -> float:
     """Proportional set size: shared pages divided among the processes that share them."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text(encoding="utf-8").splitlines():
             if line.startswith("Pss:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -299,7 +299,7 @@ def bench(n_sites: int, cases: int, n_features: int, tmp: Path, wait_s: float, r
     sizes = {f"site{i + 1:02d}": cases for i in range(n_sites)}
     stores = write_stores(tmp / f"stores{n_sites}", hospital_rows(seed=7, sizes=sizes, n_features=n_features))
     study = tmp / f"study{n_sites}.toml"
-    study.write_text(STUDY.format(wait_s=wait_s, round_s=round_s))
+    study.write_text(STUDY.format(wait_s=wait_s, round_s=round_s), encoding="utf-8")
     run_dir = tmp / f"run{n_sites}"
     load_before = os.getloadavg()[0]
     started = time.time()
@@ -341,9 +341,9 @@ def bench(n_sites: int, cases: int, n_features: int, tmp: Path, wait_s: float, r
         breakdown.insert(2, "runtime", runtime)
     logs = tmp / f"fed{n_sites}" / "logs"
     # a SuperNode whose reply push fails (HTTP 500) drops the reply: the round then waits for its timeout
-    row["replies_dropped"] = sum(p.read_text(errors="replace").count("Failed to send message")
+    row["replies_dropped"] = sum(p.read_text(errors="replace", encoding="utf-8").count("Failed to send message")
                                  for p in logs.glob("site-*.log"))
-    row["db_locked"] = (logs / "superlink.log").read_text(errors="replace").count("database is locked") \
+    row["db_locked"] = (logs / "superlink.log").read_text(errors="replace", encoding="utf-8").count("database is locked") \
         if (logs / "superlink.log").exists() else 0
     for stage in STAGES:
         info = results["stages"].get(stage, {})

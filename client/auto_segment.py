@@ -138,11 +138,11 @@ def _cached(out: Path, key: str) -> int | None:
     if not (out.is_file() and note.is_file()):
         return None
     try:
-        record = json.loads(note.read_text())
+        record = json.loads(note.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
     return int(record["voxels"]) if record.get("key") == key else None
 
 
 def _remember(out: Path, key: str, voxels: int) -> None:
-    out.with_suffix("").with_suffix(".json").write_text(json.dumps({"key": key, "voxels": voxels}))
+    out.with_suffix("").with_suffix(".json").write_text(json.dumps({"key": key, "voxels": voxels}), encoding="utf-8")

@@ -228,7 +228,7 @@ def _read(store_path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise FedradError(f"{path} is not readable JSON ({error}); refusing to guess the privacy spent") from error
 
@@ -246,7 +246,7 @@ def record_steps(store_path, run_id: str, noise_multiplier: float, sample_rate: 
     runs[str(run_id)] = [*runs.get(str(run_id), []), list(entry)]
     path = _accountant_path(store_path)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(runs, indent=1))
+    tmp.write_text(json.dumps(runs, indent=1), encoding="utf-8")
     os.replace(tmp, path)
     return [_check_entry(e) for e in runs[str(run_id)]]
 

@@ -322,7 +322,7 @@ def write_model(folder: Path, weights: dict[str, np.ndarray], settings: dict, **
     np.savez(folder / MODEL_WEIGHTS, **{k: np.asarray(v, dtype=np.float64) for k, v in weights.items()})
     meta = {"kind": MODEL_KIND, "format": MODEL_FORMAT, "settings": settings,
             "weights": MODEL_WEIGHTS, "weights_sha256": weights_id(weights), **about}
-    (folder / MODEL_META).write_text(json.dumps(meta, indent=2, default=str))
+    (folder / MODEL_META).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     return folder
 
 
@@ -342,7 +342,7 @@ def read_model(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         raise FedradError(f"'{path}' is not a segmentation model: no {MODEL_META} in {folder} (give the "
                           f"segmentation/ folder of a study's run directory, or its {MODEL_WEIGHTS})")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise FedradError(f"{meta_path} is not valid JSON: {exc}") from exc
     if meta.get("kind") != MODEL_KIND or meta.get("format") != MODEL_FORMAT:

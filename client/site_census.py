@@ -103,7 +103,7 @@ def _covariate_problems(table, study: Study, store_path: Path) -> list[str]:
 def _params_text(store_path: Path) -> str:
     """The extraction settings (pyradiomics YAML): the model package hands them to new sites."""
     path = Path(store_path) / PARAMS
-    return path.read_text() if path.is_file() else ""
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 def _harmonised_reference(store_path: Path) -> str:
@@ -111,6 +111,6 @@ def _harmonised_reference(store_path: Path) -> str:
     if not meta.is_file():
         return ""
     try:
-        return str(json.loads(meta.read_text()).get("reference", ""))
+        return str(json.loads(meta.read_text(encoding="utf-8")).get("reference", ""))
     except json.JSONDecodeError:
         return ""

@@ -116,11 +116,11 @@ def write_feature_table(store_path: Path, name: str, table: pd.DataFrame, featur
 
 
 def write_harmonised_meta(store_path: Path, meta: dict) -> None:
-    _atomic(Path(store_path) / HARMONISED_META, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    _atomic(Path(store_path) / HARMONISED_META, lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
 
 
 def read_harmonised_meta(store_path: Path) -> dict:
-    return json.loads((Path(store_path) / HARMONISED_META).read_text())
+    return json.loads((Path(store_path) / HARMONISED_META).read_text(encoding="utf-8"))
 
 
 __all__ = ["HARMONISED", "STANDARDISED", "HARMONISED_META", "SITE_LOG", "FEATURES", "DERIVED", "remove_derived",
@@ -130,7 +130,7 @@ __all__ = ["HARMONISED", "STANDARDISED", "HARMONISED_META", "SITE_LOG", "FEATURE
 
 def write_deep_features(store_path: Path, table: pd.DataFrame, weights_id: str) -> None:
     _atomic(Path(store_path) / DEEP_FEATURES, lambda p: table.to_parquet(p, index=False))
-    _atomic(Path(store_path) / DEEP_FEATURES_META, lambda p: Path(p).write_text(json.dumps({"weights_id": weights_id})))
+    _atomic(Path(store_path) / DEEP_FEATURES_META, lambda p: Path(p).write_text(json.dumps({"weights_id": weights_id}), encoding="utf-8"))
 
 
 def with_deep_features(store_path: Path, table: pd.DataFrame, weights_id: str | None) -> pd.DataFrame:
@@ -139,7 +139,7 @@ def with_deep_features(store_path: Path, table: pd.DataFrame, weights_id: str | 
     path, meta = Path(store_path) / DEEP_FEATURES, Path(store_path) / DEEP_FEATURES_META
     if not path.is_file():
         raise StoreError("this site has no deep features (run the train_cnn stage first)")
-    held = json.loads(meta.read_text()).get("weights_id") if meta.is_file() else None
+    held = json.loads(meta.read_text(encoding="utf-8")).get("weights_id") if meta.is_file() else None
     if weights_id and held != weights_id:
         raise StoreError("this site's deep features come from another network than the study's CNN "
                          f"({(held or 'unknown')[:12]} vs {weights_id[:12]}); rerun the train_cnn stage")

@@ -31,7 +31,7 @@ def model_table(store: FeatureStore, plan: dict) -> pd.DataFrame:
     with the CNN's deep features joined on when the model or the selection uses any."""
     if plan["data"] in ("standardised", "harmonised"):
         meta_path = store.path / HARMONISED_META
-        if not meta_path.is_file() or json.loads(meta_path.read_text()).get("reference") != plan["reference"]:
+        if not meta_path.is_file() or json.loads(meta_path.read_text(encoding="utf-8")).get("reference") != plan["reference"]:
             raise StoreError(f"this site's {plan['data']} features are not from the study's harmonisation; "
                              "rerun the harmonise stage")
         table = pd.read_parquet(store.path / (STANDARDISED if plan["data"] == "standardised" else HARMONISED))

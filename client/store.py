@@ -71,7 +71,7 @@ def open_store(path: Path) -> FeatureStore:
     meta_path = path / META
     if not meta_path.is_file():
         raise StoreError(f"'{path}' is not a fedrad feature store (no {META}); run `fedrad prepare` first")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT:
         raise StoreError(f"store '{path}' has format {meta.get('format')}, this fedrad reads format {FORMAT}")
     features = pd.read_parquet(path / FEATURES)
@@ -124,7 +124,7 @@ def write_store(
     )
     _atomic(path / QUARANTINE, lambda p: quarantine.to_csv(p, index=False))
     if params_text is not None:
-        _atomic(path / PARAMS, lambda p: Path(p).write_text(params_text))
+        _atomic(path / PARAMS, lambda p: Path(p).write_text(params_text, encoding="utf-8"))
     elif (path / PARAMS).exists():  # the settings of the features this replaces, not of these
         (path / PARAMS).unlink()
     meta = dict(meta)
@@ -136,7 +136,7 @@ def write_store(
         columns={"id": schemas.ID, "time": schemas.TIME, "event": schemas.EVENT, **columns},
         features_sha256=_sha256(path / FEATURES),
     )
-    _atomic(path / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str)))
+    _atomic(path / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8"))
     return meta
 
 
@@ -151,7 +151,7 @@ def writing(path: Path, source: Path, *, kind: str = "manifest", overwrite: bool
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        handle = open(path / LOCK, "a+")
+        handle = open(path / LOCK, "a+", encoding="utf-8")
     except OSError as exc:
         raise _unwritable(path, exc) from exc
     with handle:
@@ -210,7 +210,7 @@ def recorded_features_sha256(path: Path) -> str | None:
 
 def _read_meta(path: Path) -> dict | None:
     try:
-        meta = json.loads((path / META).read_text())
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
@@ -220,7 +220,7 @@ def cache_get(store: Path, key: str) -> dict | None:
     item = Path(store) / CACHE / f"{key}.json"
     if item.is_file():
         try:
-            return json.loads(item.read_text())
+            return json.loads(item.read_text(encoding="utf-8"))
         except json.JSONDecodeError:  # a crash mid-write; redo the case
             return None
     return None
@@ -229,7 +229,7 @@ def cache_get(store: Path, key: str) -> dict | None:
 def cache_put(store: Path, key: str, result: dict) -> None:
     folder = Path(store) / CACHE
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / f"{key}.json", lambda p: Path(p).write_text(json.dumps(result)))
+    _atomic(folder / f"{key}.json", lambda p: Path(p).write_text(json.dumps(result), encoding="utf-8"))
 
 
 def _atomic(target: Path, write) -> None:

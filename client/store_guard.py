@@ -50,7 +50,7 @@ def remember_census(store: Path, run_id: int) -> str:
     seen = {"features_sha256": features_sha256(store), "rows": _rows(store), "at": time.time()}
     path = _record_path(store, run_id)
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(seen))
+    path.write_text(json.dumps(seen), encoding="utf-8")
     return seen["features_sha256"]
 
 
@@ -61,7 +61,7 @@ def check_unchanged(store: Path, run_id: int) -> None:
     path = _record_path(store, run_id)
     if not path.is_file():
         return
-    seen = json.loads(path.read_text())
+    seen = json.loads(path.read_text(encoding="utf-8"))
     now = features_sha256(store)
     if now != seen["features_sha256"]:
         raise StoreChanged(

@@ -114,7 +114,7 @@ def validate(package: Path, store_path: Path, out: Path, trust: Path) -> dict:
               "signed_by": key_id(trusted),
               "metrics": metrics, "study_metrics": {k: v for k, v in manifest["evaluation"].items()
                                                     if k in ("pooled", "pooled_validation")}}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
 
 

@@ -120,7 +120,7 @@ class ForkServer:
 
     def _start(self) -> None:
         self._process = subprocess.Popen([sys.executable, "-m", "fedrad.client.warm_runtime", "--fork-server"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8")
         ready = self._process.stdout.readline().strip()
         if ready != "ready":
             self._process.kill()

@@ -20,6 +20,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Federated radiomics: build and validate prognosis models across hospitals.")
 
 
+@app.callback()
+def _readable_in_any_locale():
+    """A hospital server may run under LANG=C without UTF-8: site names, "—" and "≥" must print, not crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if (getattr(stream, "encoding", None) or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def parse_sites(specs: list[str]) -> dict[str, Path]:
     sites = {}
     for spec in specs:
@@ -129,7 +137,7 @@ def package(run_dir: Path = typer.Argument(..., help="A finished run directory (
     from fedrad.server.summary import package_lines
 
     try:
-        results = json.loads((run_dir / "results.json").read_text())
+        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
         written = write_package(run_dir, results, load_study(run_dir / "study.toml"), out, sign_key=sign_key)
     except FileNotFoundError as exc:
         console.print(f"[red]error:[/] {exc}")

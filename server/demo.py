@@ -71,7 +71,7 @@ def run_demo(out: Path, *, n_sites: int, n_patients: int, seed: int, jobs: int |
     console.rule("3. federated study on a local federation (census, harmonise, fit, evaluate, package)")
     study = out / "study.toml"
     validation = [summary["site"].iloc[-1]] if n_sites >= 3 else []
-    study.write_text(demo_study(validation))
+    study.write_text(demo_study(validation), encoding="utf-8")
     stores = {site: out / "stores" / site for site in summary["site"]}
     with LocalFederation(out / "federation", stores,
                          echo=lambda line: console.print(line, markup=False, highlight=False)) as fed:
@@ -205,7 +205,7 @@ def _eta_squared(values: pd.DataFrame, groups: pd.Series) -> pd.Series:
 
 def scanner_effect(stores: dict[str, Path], sites: list[str]) -> pd.DataFrame:
     before, after = _pooled(stores, sites, "features.parquet"), _pooled(stores, sites, "harmonised.parquet")
-    features = [c for c in after.columns if c in json.loads((stores[sites[0]] / "harmonised.json").read_text())[
+    features = [c for c in after.columns if c in json.loads((stores[sites[0]] / "harmonised.json").read_text(encoding="utf-8"))[
         "features"]]
     eta_before = _eta_squared(before[features], before["scanner"])
     eta_after = _eta_squared(after[features], after["scanner"])

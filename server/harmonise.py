@@ -193,4 +193,4 @@ def _save_reference(folder: Path, reference: str, arrays: dict, design: dict, fe
         "conventions": "neuroCombat 0.2.12: design = [batch one-hot | categorical (drop first) | continuous]; "
                        "var_pooled divides by n; z_mean/z_sd are the pooled mean and population SD of the "
                        "harmonised features",
-    }, indent=2))
+    }, indent=2), encoding="utf-8")

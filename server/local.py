@@ -87,7 +87,7 @@ def write_app(folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     version = common.__version__ if common.__version__[0].isdigit() else "0.0.0"
-    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(version=version))
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(version=version), encoding="utf-8")
     return folder
 
 
@@ -96,7 +96,7 @@ def write_connection(home: Path, address: str, *, insecure: bool = True, root_ce
     home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f"address = {json.dumps(address)}"]
     lines.append("insecure = true" if insecure else f"root-certificates = {json.dumps(str(root_certificates))}")
-    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def prepare_run_dir(run_dir: Path, study_path: Path, expected_sites: int) -> Path:
@@ -108,7 +108,7 @@ def prepare_run_dir(run_dir: Path, study_path: Path, expected_sites: int) -> Pat
         shutil.copyfile(study_path, run_dir / STUDY)
     write_app(run_dir / "app")
     run_config = run_dir / "app" / "run-config.toml"
-    run_config.write_text(f"run-dir = {json.dumps(str(run_dir))}\nexpected-sites = {int(expected_sites)}\n")
+    run_config.write_text(f"run-dir = {json.dumps(str(run_dir))}\nexpected-sites = {int(expected_sites)}\n", encoding="utf-8")
     return run_config
 
 
@@ -136,7 +136,7 @@ def submit(run_dir: Path, run_config: Path, cli_home: Path, echo) -> dict:
     if not results_path.is_file():
         raise FederationError(f"the study run ended without {RESULTS} (flwr run exit {proc.returncode}); "
                               f"see {run_dir / 'logs'}")
-    return json.loads(results_path.read_text())
+    return json.loads(results_path.read_text(encoding="utf-8"))
 
 
 class LocalFederation:
@@ -334,7 +334,7 @@ def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
+            fields = entry.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
@@ -353,7 +353,7 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     try:
-        return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return not stat.exists() or stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
 

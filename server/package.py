@@ -55,7 +55,7 @@ def write_package(run_dir: Path, results: dict, study: Study, out: Path | None =
     key = load_signing_key(sign_key) if sign_key else run_signing_key(run_dir)
     _empty_package_folder(out)
     census, harmonise = results["census"], results.get("harmonise")
-    (out / PARAMS).write_text(census.get("params_yaml", ""))
+    (out / PARAMS).write_text(census.get("params_yaml", ""), encoding="utf-8")
     harmonisation = None
     if harmonise:
         shutil.copyfile(Path(harmonise["reference_dir"]) / REFERENCE_ARRAYS, out / REFERENCE_ARRAYS)
@@ -81,8 +81,8 @@ def write_package(run_dir: Path, results: dict, study: Study, out: Path | None =
         "models": models, "scoring": scoring, "evaluation": results.get("evaluation", {}),
         "cnn": _package_cnn(results.get("cnn"), study, out),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    (out / SIGNATURE).write_text(json.dumps(signing.sign(key, package_digests(out)), indent=2))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    (out / SIGNATURE).write_text(json.dumps(signing.sign(key, package_digests(out)), indent=2), encoding="utf-8")
     trust_file(out).write_bytes(signing.public_pem(key.public_key()))
     return out
 

@@ -81,7 +81,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         results["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        (run_dir / RESULTS).write_text(json.dumps(results, indent=2, default=str))
+        (run_dir / RESULTS).write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
         runlog.close()
         _report(run_dir, results)
 

@@ -119,7 +119,7 @@ def test_the_checker_sees_an_upward_and_a_bare_import(tmp_path, monkeypatch):
     client = tmp_path / "client"
     client.mkdir()
     (client / "bad.py").write_text("def f():\n    from fedrad.server.report import write_report\n"
-                                   "    import common.study\n")
+                                   "    import common.study\n", encoding="utf-8")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     names = [name for _, name in _imports(client / "bad.py")]
     assert "fedrad.server.report" in names and "common.study" in names
@@ -130,7 +130,7 @@ def test_the_installed_names_are_fedrad_only(tmp_path):
     """From outside the repository (no checkout folder on sys.path), only `fedrad.*` imports."""
     probe = ("import importlib.util, fedrad.common, fedrad.client, fedrad.server\n"
              "print([n for n in ('common', 'client', 'server') if importlib.util.find_spec(n)])\n")
-    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True, encoding="utf-8")
     assert found.stdout.strip() == "[]", found.stdout
 
 
@@ -169,7 +169,7 @@ def test_the_wheel_imports_from_where_it_is_installed(wheel, tmp_path):
     probe = (f"import sys; sys.path.insert(0, {str(target)!r})\n"
              "import fedrad.common.study, fedrad.client.extraction as x, fedrad.server.cli\n"
              "print(fedrad.common.study.__file__); print(x.default_params_path())\n")
-    shown = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True, encoding="utf-8")
     study_file, params = shown.stdout.split()
     assert Path(study_file).is_relative_to(target) and Path(params).is_relative_to(target)
     assert Path(params).is_file()

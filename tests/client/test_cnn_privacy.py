@@ -121,7 +121,7 @@ def test_epsilon_of_the_persisted_history_is_opacus_accountant_stepped_alike(tmp
     assert epsilon_spent(tmp_path, "run-1", 1e-5) == pytest.approx(stepped.get_epsilon(delta=1e-5), rel=1e-12)
     assert epsilon_spent(tmp_path, "another-run", 1e-5) == 0.0
     assert epsilon_after(rounds[:2], rounds[2], 1e-5) == pytest.approx(epsilon_for(rounds, 1e-5), rel=1e-12)
-    assert json.loads((tmp_path / "dp_accountant.json").read_text())["run-1"][2] == [0.9, 0.2, 10]
+    assert json.loads((tmp_path / "dp_accountant.json").read_text(encoding="utf-8"))["run-1"][2] == [0.9, 0.2, 10]
 
 
 def test_epsilon_agrees_with_independent_calibrations():
@@ -167,6 +167,6 @@ def test_bad_settings_are_refused(tmp_path):
         record_steps(tmp_path, "run", 1.0, 0.0, 3)
     with pytest.raises(FedradError, match="delta"):
         epsilon_for([(1.0, 0.5, 2)], 1.0)
-    (tmp_path / "dp_accountant.json").write_text("{not json")
+    (tmp_path / "dp_accountant.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(FedradError, match="refusing to guess"):
         epsilon_spent(tmp_path, "run", 1e-5)

@@ -246,7 +246,7 @@ def test_the_coordinator_is_told_the_column_and_the_site_log_the_count(tmp_path)
     reply = app(message, context)
     assert reply.has_error() and reply.error.code == PRIVACY_REFUSED
     assert reply.error.reason == f"{SITE}: privacy guard: column 'smoker': {RARE}"
-    assert "column 'smoker': value 1 held by 1" in (tmp_path / SITE / "site.log").read_text()
+    assert "column 'smoker': value 1 held by 1" in (tmp_path / SITE / "site.log").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------- item 7: p against n

@@ -237,7 +237,7 @@ def test_na_markers_are_missing_not_text(tmp_path):
 def test_header_only_manifest_and_bad_params_exit_2(tmp_path):
     write_manifest(tmp_path / "manifest.csv", [{"patient_id": "x", "image_venous": "a", "mask": "m", "time": 1,
                                                "event": 0}])
-    (tmp_path / "empty.csv").write_text("patient_id,image_venous,mask,time,event\n")
+    (tmp_path / "empty.csv").write_text("patient_id,image_venous,mask,time,event\n", encoding="utf-8")
     result = CliRunner().invoke(app, ["prepare", "--manifest", str(tmp_path / "empty.csv"), "--out",
                                       str(tmp_path / "s1")])
     assert result.exit_code == 2 and "has a header but no cases" in result.output

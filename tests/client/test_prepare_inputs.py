@@ -148,7 +148,7 @@ def _two_sites(tmp_path):
 
 def _plant_derived(store):
     for name in DERIVED:
-        (store / name).write_text("made from the old features")
+        (store / name).write_text("made from the old features", encoding="utf-8")
     ids = pd.read_parquet(store / "features.parquet")["patient_id"]
     pd.DataFrame({"patient_id": ids, "dl_score": 0.5, "site_score": np.arange(len(ids), dtype=float)}).to_parquet(
         store / SCORES, index=False)  # the network's column, and a score the site supplied itself
@@ -202,7 +202,7 @@ def test_store_being_written_by_another_prepare_is_refused(tmp_path):
     manifest, _ = _two_sites(tmp_path)
     store = tmp_path / "store"
     store.mkdir()
-    with open(store / LOCK, "a+") as held:  # what a running prepare holds
+    with open(store / LOCK, "a+", encoding="utf-8") as held:  # what a running prepare holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("4242\n")
         held.flush()
@@ -222,7 +222,7 @@ def _read_only(folder):
         finally:
             folder.chmod(0o755)
         return
-    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)  # e2fsprogs: make test
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True, encoding="utf-8")  # e2fsprogs: make test
     assert made.returncode == 0, f"chattr +i {folder}: {made.stderr}"
     try:
         yield
@@ -272,7 +272,7 @@ def test_ctrl_c_stops_at_once_and_says_how_to_resume(tmp_path, shared_data):
     command = [sys.executable, "-m", "fedrad.server.cli", "prepare", "--manifest", str(manifest), "--out",
                str(store), "--jobs", "2", "--quiet"]
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)  # its own process group, as a terminal's Ctrl-C reaches
+                           start_new_session=True, encoding="utf-8")  # its own process group, as a terminal's Ctrl-C reaches
     try:
         deadline = time.monotonic() + 240
         while not list((store / CACHE).glob("*.json")) and run.poll() is None and time.monotonic() < deadline:

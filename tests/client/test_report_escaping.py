@@ -67,7 +67,7 @@ def hostile_run(tmp_path):
     """A run log whose site, refusal and model are named with markup."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "study.toml").write_text('[study]\nname = "escaping"\nstages = ["census", "fit"]\n')
+    (run_dir / "study.toml").write_text('[study]\nname = "escaping"\nstages = ["census", "fit"]\n', encoding="utf-8")
     log = RunLog(run_dir / RUNLOG, run_id=3)
     log.start_run(HOSTILE)
     log.start_stage("census")

@@ -160,7 +160,7 @@ def test_a_model_is_read_from_its_folder_or_weights_and_checked(model, tmp_path)
     weights, meta = read_model(model)
     assert meta["weights_sha256"] == weights_id(weights) and meta["settings"]["init_filters"] == 4
     assert read_model(model / "model.npz")[1] == meta
-    (tmp_path / "model.json").write_text((model / "model.json").read_text())
+    (tmp_path / "model.json").write_text((model / "model.json").read_text(encoding="utf-8"), encoding="utf-8")
     np.savez(tmp_path / "model.npz", **{k: v + (k.endswith("bias")) for k, v in weights.items()})
     with pytest.raises(FedradError, match="does not match the weights_sha256"):
         read_model(tmp_path)
@@ -250,7 +250,7 @@ def test_a_site_measures_only_manual_masks_and_withholds_dice_below_min_count(si
     content, disclosure = dice_reply(store, plan, study, "siteA", weights, min_count=len(held) + 1)
     check_reply(content, disclosure, len(held) + 1)
     assert math.isnan(content["metrics"]["dice"])
-    assert "Dice withheld" in (store.path / "site.log").read_text()
+    assert "Dice withheld" in (store.path / "site.log").read_text(encoding="utf-8")
 
 
 def test_a_training_reply_carries_weights_and_four_scalars_that_pass_the_guard(segmented, model):

@@ -64,7 +64,7 @@ def test_below_min_count_is_refused_scrubbed_and_ledgered(store):
     assert reply.has_error() and reply.error.code == PRIVACY_REFUSED
     assert "fewer cases than min_count=30" in reply.error.reason and "24" not in reply.error.reason
     assert read_ledger(store).iloc[-1]["status"] == "refused"
-    assert "24 case(s); min_count is 30" in (store / "site.log").read_text()  # the count stays at the site
+    assert "24 case(s); min_count is 30" in (store / "site.log").read_text(encoding="utf-8")  # the count stays at the site
 
 
 def test_site_minimum_overrides_a_lower_study_minimum(store):
@@ -129,7 +129,7 @@ def test_errors_never_carry_patient_ids(store):
     reply = answer(_census_message(), _context(store), fails)
     assert reply.has_error() and reply.error.code == SITE_FAILED
     assert "siteB-" not in reply.error.reason and "<case>" in reply.error.reason
-    assert "siteB-" in (store / "site.log").read_text()  # the site's own log has the detail
+    assert "siteB-" in (store / "site.log").read_text(encoding="utf-8")  # the site's own log has the detail
 
 
 def test_guard_rules():

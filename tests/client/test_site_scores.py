@@ -46,4 +46,4 @@ def test_missing_dl_scores_are_refused_with_a_count_and_ids_only_in_the_site_log
     with pytest.raises(StoreError) as info:
         add_scores(store, store.features, _plan(external_scores=["dl_score"]))
     assert "2 case(s) have no ['dl_score'] score" in str(info.value)
-    assert ids[-1] not in str(info.value) and ids[-1] in (store.path / "site.log").read_text()
+    assert ids[-1] not in str(info.value) and ids[-1] in (store.path / "site.log").read_text(encoding="utf-8")

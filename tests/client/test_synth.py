@@ -31,12 +31,12 @@ def test_same_seed_same_cohort_other_seed_other_cohort(tmp_path):
                                           "--shape", "24,24,12", "--out", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
     for site in ("siteA", "siteB"):
-        assert (tmp_path / "a" / site / "manifest.csv").read_text() == (tmp_path / "b" / site / "manifest.csv").read_text()
-    assert (tmp_path / "a" / "truth.csv").read_text() == (tmp_path / "b" / "truth.csv").read_text()
+        assert (tmp_path / "a" / site / "manifest.csv").read_text(encoding="utf-8") == (tmp_path / "b" / site / "manifest.csv").read_text(encoding="utf-8")
+    assert (tmp_path / "a" / "truth.csv").read_text(encoding="utf-8") == (tmp_path / "b" / "truth.csv").read_text(encoding="utf-8")
     a, b, c = (_arrays(tmp_path / n) for n in "abc")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert not all(np.array_equal(a[k], c[k]) for k in a if k in c)
-    assert (tmp_path / "a" / "truth.csv").read_text() != (tmp_path / "c" / "truth.csv").read_text()
+    assert (tmp_path / "a" / "truth.csv").read_text(encoding="utf-8") != (tmp_path / "c" / "truth.csv").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

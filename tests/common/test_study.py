@@ -15,7 +15,7 @@ def test_defaults_are_a_site_batch_harmonisation():
 
 def test_unknown_key_and_bad_value_are_named(tmp_path):
     path = tmp_path / "study.toml"
-    path.write_text('[privacy]\nmin_cout = 3\n[harmonise]\nparametric = "maybe"\n[study]\nstages = ["harmonise"]\n')
+    path.write_text('[privacy]\nmin_cout = 3\n[harmonise]\nparametric = "maybe"\n[study]\nstages = ["harmonise"]\n', encoding="utf-8")
     with pytest.raises(StudyError) as info:
         load_study(path)
     text = str(info.value)
@@ -36,7 +36,7 @@ def test_covariate_cannot_be_batch_or_both_kinds():
 def test_missing_and_invalid_toml_files(tmp_path):
     with pytest.raises(StudyError, match="does not exist"):
         load_study(tmp_path / "nope.toml")
-    (tmp_path / "bad.toml").write_text("[study\n")
+    (tmp_path / "bad.toml").write_text("[study\n", encoding="utf-8")
     with pytest.raises(StudyError, match="not valid TOML"):
         load_study(tmp_path / "bad.toml")
 

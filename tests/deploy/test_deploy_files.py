@@ -26,12 +26,12 @@ assert shutil.which("openssl") and shutil.which("ssh-keygen") and shutil.which("
 
 
 def make_credentials(out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=120, encoding="utf-8")
 
 
 def sans(cert: Path) -> str:
     return subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
-                          capture_output=True, text=True, check=True).stdout
+                          capture_output=True, text=True, check=True, encoding="utf-8").stdout
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_credentials_layout_modes_and_names(credentials):
         private = load_ssh_private_key((c / "sites" / site / f"{site}.key").read_bytes(), password=None)
         assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
         assert private.public_key().public_numbers() == public.public_numbers()
-        assert (c / "sites" / site / f"{site}.pub").read_text().split()[-1] == site  # the comment names the site
+        assert (c / "sites" / site / f"{site}.pub").read_text(encoding="utf-8").split()[-1] == site  # the comment names the site
 
 
 def test_credentials_hold_a_package_signing_key_pair_fedrad_signs_and_verifies_with(credentials, tmp_path):
@@ -137,32 +137,32 @@ def render(template: str, **values) -> str:
 
 
 def test_nginx_template_is_accepted_by_nginx(credentials, tmp_path):
-    template = (DEPLOY / "nginx" / "fedrad-superlink.conf").read_text()
+    template = (DEPLOY / "nginx" / "fedrad-superlink.conf").read_text(encoding="utf-8")
     placeholders = set(re.findall(r"\$\{(FEDRAD_[A-Z_]+)\}", template))
     assert placeholders == {"FEDRAD_PUBLIC_PORT", "FEDRAD_SERVER_NAME", "FEDRAD_SUPERLINK", "FEDRAD_CERT",
                             "FEDRAD_KEY", "FEDRAD_CA"}
     conf = render(template, FEDRAD_PUBLIC_PORT=18443, FEDRAD_SERVER_NAME="coord.example.org",
                   FEDRAD_SUPERLINK="127.0.0.1:9092", FEDRAD_CERT=credentials / "superlink.pem",
                   FEDRAD_KEY=credentials / "superlink.key", FEDRAD_CA=credentials / "ca.crt")
-    (tmp_path / "fedrad.conf").write_text(conf)
+    (tmp_path / "fedrad.conf").write_text(conf, encoding="utf-8")
     temp = "".join(f"{kind}_temp_path {tmp_path / kind}; "
                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path / 'nginx.pid'}; error_log {tmp_path / 'error.log'};\nevents {{}}\n"
-        f"http {{ access_log off; {temp}include {tmp_path / 'fedrad.conf'}; }}\n")
+        f"http {{ access_log off; {temp}include {tmp_path / 'fedrad.conf'}; }}\n", encoding="utf-8")
     checked = subprocess.run([NGINX, "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, encoding="utf-8")
     assert checked.returncode == 0, checked.stderr
 
 
 def test_k8s_configmap_is_the_shipped_template():
-    configmap = yaml.safe_load((DEPLOY / "k8s" / "nginx-configmap.yaml").read_text())
-    template = (DEPLOY / "nginx" / "fedrad-superlink.conf").read_text()
+    configmap = yaml.safe_load((DEPLOY / "k8s" / "nginx-configmap.yaml").read_text(encoding="utf-8"))
+    template = (DEPLOY / "nginx" / "fedrad-superlink.conf").read_text(encoding="utf-8")
     assert configmap["data"]["fedrad-superlink.conf.template"] == template
 
 
 def test_k8s_manifests():
-    docs = [d for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    docs = [d for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
     kinds = {d["kind"]: d for d in docs}
     assert {"Kustomization", "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"} <= set(kinds)
     service = kinds["Service"]
@@ -181,16 +181,16 @@ def test_k8s_kustomization_renders(tmp_path):
     shutil.copytree(DEPLOY / "k8s", tmp_path / "k8s")
     (tmp_path / "k8s" / "credentials").mkdir()
     for name in ("ca.crt", "superlink.pem", "superlink.key", "package-signing.key"):
-        (tmp_path / "k8s" / "credentials" / name).write_text("placeholder\n")
+        (tmp_path / "k8s" / "credentials" / name).write_text("placeholder\n", encoding="utf-8")
     rendered = subprocess.run(["kubectl", "kustomize", str(tmp_path / "k8s")], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, encoding="utf-8")
     assert rendered.returncode == 0, rendered.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(rendered.stdout))
     assert kinds == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Secret", "Service"]
 
 
 def test_compose_file():
-    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text(encoding="utf-8"))
     services = compose["services"]
     assert {s: services[s]["profiles"] for s in services} == {
         "superlink": ["coordinator"], "proxy": ["coordinator"], "supernode": ["site"]}
@@ -207,7 +207,7 @@ def test_compose_file():
 
 
 def _exec_start(unit: Path) -> list[str]:
-    text = unit.read_text().replace("\\\n", " ")
+    text = unit.read_text(encoding="utf-8").replace("\\\n", " ")
     line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     return shlex.split(line.removeprefix("ExecStart="))
 
@@ -224,14 +224,14 @@ def test_systemd_units(unit, tmp_path):
     if shutil.which("systemd-analyze") is None:
         return
     local = tmp_path / unit.replace("@.", "@siteA.")
-    local.write_text(path.read_text().replace("/opt/fedrad/.venv/bin/fedrad", FEDRAD))
-    verified = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=120)
+    local.write_text(path.read_text(encoding="utf-8").replace("/opt/fedrad/.venv/bin/fedrad", FEDRAD), encoding="utf-8")
+    verified = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
 
 
 def test_coordinator_start_refuses_missing_credentials(tmp_path):
     out = subprocess.run([FEDRAD, "coordinator", "start", "--credentials", str(tmp_path / "none"), "--database",
-                          str(tmp_path / "db" / "state.db")], capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "db" / "state.db")], capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert out.returncode == 2 and "ca.crt' does not exist" in out.stderr
     assert not (tmp_path / "db").exists()  # nothing was started or written
 

@@ -11,7 +11,7 @@ from fedrad.common import schemas
 
 
 def write_study(path: Path, text: str) -> Path:
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 

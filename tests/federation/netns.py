@@ -67,14 +67,14 @@ def unavailable() -> str | None:
         return f"{need} (not running as root)"
     if shutil.which("ip") is None:
         return f"{need} (iproute2's `ip` is not installed)"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, encoding="utf-8")
     if probe.returncode != 0:
         return f"{need} (`ip netns list` failed: {probe.stderr.strip()})"
     return None
 
 
 def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, encoding="utf-8")
     if proc.returncode != 0:
         raise NetnsError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
 
@@ -162,14 +162,14 @@ class Testbed:
         """From inside ``role``: 'open', 'refused' (the host answered), 'timeout' or 'unreachable (errno)';
         with ``wait`` > 0, retry until 'open' or ``wait`` seconds have passed."""
         proc = subprocess.run(self.argv(role, [sys.executable, "-S", "-c", _PROBE, host, str(port), str(wait)]),
-                              capture_output=True, text=True, timeout=wait + 30)
+                              capture_output=True, text=True, timeout=wait + 30, encoding="utf-8")
         return proc.stdout.strip() or f"probe failed: {proc.stderr.strip()}"
 
     def pids(self) -> list[int]:
         """Every process inside our namespaces."""
         found = []
         for name in self._created:
-            proc = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+            proc = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, encoding="utf-8")
             found += [int(p) for p in proc.stdout.split()]
         return found
 
@@ -194,7 +194,7 @@ class Testbed:
         self.processes.clear()
         errors = []
         for name in reversed(self._created):
-            proc = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+            proc = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True, encoding="utf-8")
             if proc.returncode != 0:
                 errors.append(f"{name}: {proc.stderr.strip()}")
         self._created.clear()

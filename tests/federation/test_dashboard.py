@@ -40,7 +40,7 @@ def _handmade_run(run_dir: Path, monkeypatch) -> None:
     harmonise skipped, fit round 1 waiting for siteA after three Newton iterations; ε from an earlier CNN stage."""
     run_dir.mkdir()
     (run_dir / "study.toml").write_text('[study]\nname = "handmade"\nstages = ["census", "harmonise", "train_cnn", '
-                                        '"fit"]\n[privacy]\nmin_count = 25\n[cnn.privacy]\nepsilon_budget = 8.0\n')
+                                        '"fit"]\n[privacy]\nmin_count = 25\n[cnn.privacy]\nepsilon_budget = 8.0\n', encoding="utf-8")
     monkeypatch.setattr("fedrad.server.runlog.time.time", Clock())
     log = RunLog(run_dir / RUNLOG, run_id=7)
     log.start_run("handmade")                                                                  # t = 1000
@@ -107,7 +107,7 @@ def test_state_of_a_handwritten_run_log_is_exact(tmp_path, monkeypatch):
     assert "http://" not in page.text.replace("http://www.w3.org", "")  # nothing loaded from elsewhere
     missing = client.get("/report")
     assert missing.status_code == 404 and "No report yet" in missing.text
-    (run_dir / "report.html").write_text("<html><body>the report</body></html>")
+    (run_dir / "report.html").write_text("<html><body>the report</body></html>", encoding="utf-8")
     assert client.get("/report").text == "<html><body>the report</body></html>"
     assert 'id="report-link"' in client.get("/fragment").text
 

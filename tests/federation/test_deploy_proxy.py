@@ -47,12 +47,12 @@ def raw_status(address: str, path: str, ca: Path) -> int:
 def render_nginx(prefix: Path, **values: str) -> Path:
     """The shipped template with its ${FEDRAD_*} placeholders filled, inside a minimal main config
     that keeps pid, logs and temporary files under ``prefix`` (no /var, no daemon)."""
-    text = TEMPLATE.read_text()
+    text = TEMPLATE.read_text(encoding="utf-8")
     for name, value in values.items():
         text = text.replace("${%s}" % name, str(value))
     assert "${" not in text, "a placeholder of deploy/nginx/fedrad-superlink.conf was left unfilled"
     prefix.mkdir(parents=True, exist_ok=True)
-    (prefix / "fedrad-superlink.conf").write_text(text)
+    (prefix / "fedrad-superlink.conf").write_text(text, encoding="utf-8")
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the test's private tmp folders
     temp = "".join(f"    {kind}_temp_path {prefix / kind};\n"
                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -60,7 +60,7 @@ def render_nginx(prefix: Path, **values: str) -> Path:
         f"{user}worker_processes 1;\npid {prefix / 'nginx.pid'};\nerror_log {prefix / 'error.log'} info;\n"
         f"events {{ worker_connections 256; }}\n"
         f"http {{\n    access_log {prefix / 'access.log'};\n{temp}"
-        f"    include {prefix / 'fedrad-superlink.conf'};\n}}\n")
+        f"    include {prefix / 'fedrad-superlink.conf'};\n}}\n", encoding="utf-8")
     return prefix / "nginx.conf"
 
 
@@ -95,11 +95,11 @@ class Coordinator:
 
     def run(self, command: list, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+                              env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}, encoding="utf-8")
 
     def log(self, name: str, lines: int = 40) -> str:
         path = self.logs / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        return "\n".join(path.read_text(errors="replace", encoding="utf-8").splitlines()[-lines:]) if path.exists() else ""
 
     def client(self) -> httpx.Client:
         return httpx.Client(verify=ssl.create_default_context(cafile=str(self.ca)), timeout=30)
@@ -172,7 +172,7 @@ def test_registered_sites_come_online_through_the_proxy(coordinator):
         time.sleep(1)
     assert nodes == {"siteA": "online", "siteB": "online"}, (nodes, c.log("site-siteA"), c.log("site-siteB"))
     # the sites' signed Fleet calls went through nginx (the SuperNodes know no other address)
-    access = (c.root / "nginx" / "access.log").read_text()
+    access = (c.root / "nginx" / "access.log").read_text(encoding="utf-8")
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 200' in access
     assert '"POST /v1/fleet/pull-messages HTTP/1.1" 200' in access
     listed = c.run([c.fedrad, "coordinator", "sites", "--json", "--superlink", c.loopback, "--ca", c.ca])
@@ -239,13 +239,13 @@ def test_unregistered_key_is_refused(coordinator):
 def test_census_study_runs_through_the_proxy(coordinator):
     c = coordinator
     study = c.root / "study.toml"
-    study.write_text(STUDY)
+    study.write_text(STUDY, encoding="utf-8")
     out = c.run([c.fedrad, "coordinator", "run", "--study", study, "--superlink", c.loopback,
                  "--root-certificates", c.ca, "--sites", "2", "--out", c.root / "run"], timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr[-4000:]
-    results = json.loads((c.root / "run" / "results.json").read_text())
+    results = json.loads((c.root / "run" / "results.json").read_text(encoding="utf-8"))
     assert results["status"] == "completed"
     assert sorted(results["census"]["sites"]) == ["siteA", "siteB"]
     assert {s: i["cases"] for s, i in results["census"]["sites"].items()} == {"siteA": 30, "siteB": 24}
-    access = (c.root / "nginx" / "access.log").read_text()
+    access = (c.root / "nginx" / "access.log").read_text(encoding="utf-8")
     assert access.count('"POST /v1/fleet/push-messages HTTP/1.1" 200') >= 2  # both replies came through nginx

@@ -99,7 +99,7 @@ def test_validation_site_takes_no_part_in_fitting(evaluated):
 
 def test_validation_site_is_harmonised_to_the_reference(evaluated):
     _, stores, results, run = evaluated
-    reference = json.loads((run / "reference" / "harmonisation.json").read_text())
+    reference = json.loads((run / "reference" / "harmonisation.json").read_text(encoding="utf-8"))
     arrays = dict(np.load(run / "reference" / "harmonisation.npz"))
     design = reference["design"]
     spec = DesignSpec(tuple(design["batch_levels"]), {k: tuple(v) for k, v in design["categorical"].items()},
@@ -187,7 +187,7 @@ def _site_d_store(tmp_path, table, *, drop=(), params=TEST_DATA / "pyradiomics_b
 def test_validate_refuses_other_extraction_settings_and_missing_features(evaluated, tmp_path):
     table, _, _, run = evaluated
     other = tmp_path / "other.yaml"
-    other.write_text((TEST_DATA / "pyradiomics_baseline.yaml").read_text().replace("binWidth: 25", "binWidth: 5"))
+    other.write_text((TEST_DATA / "pyradiomics_baseline.yaml").read_text(encoding="utf-8").replace("binWidth: 25", "binWidth: 5"), encoding="utf-8")
     with pytest.raises(PackageError, match="extracted with other pyradiomics settings"):
         validate(run / "package", _site_d_store(tmp_path / "a", table, params=other), tmp_path / "out", _trust(run))
     with pytest.raises(PackageError, match="lacks 1 feature.*table__original_firstorder_F03"):

@@ -64,10 +64,10 @@ def test_resume_skips_finished_stages_and_ledger_matches_run_log(tmp_path, cohor
         args += ["--site", f"{site}={store}"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    reference = json.loads((stores["siteA"] / "harmonised.json").read_text())["reference"]
+    reference = json.loads((stores["siteA"] / "harmonised.json").read_text(encoding="utf-8"))["reference"]
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0, second.output
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["stages"]["harmonise"]["status"].startswith("skipped")
     assert results["harmonise"]["reference"] == reference
     log = read_runlog(out)

@@ -126,7 +126,7 @@ def consortium(tmp_path_factory):
     credentials = root / "credentials"
     made = subprocess.run(["bash", ROOT / "deploy" / "make-credentials.sh", credentials, "--host", netns.COORDINATOR,
                            "--host", "localhost", *[a for s in [*SITES, "rogue"] for a in ("--site", s)]],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert made.returncode == 0, made.stdout + made.stderr
     wrong = root / "wrong-ca"
     wrong.mkdir()
@@ -164,7 +164,7 @@ def consortium(tmp_path_factory):
                                        log=c.logs / f"register-{site}.log", env=env) for site in SITES}
         for site, proc in registering.items():
             proc.wait(timeout=180)
-            text = (c.logs / f"register-{site}.log").read_text()
+            text = (c.logs / f"register-{site}.log").read_text(encoding="utf-8")
             found = re.search(r"node id (\d+)", text)
             assert proc.returncode == 0 and found, f"register {site} (exit {proc.returncode}):\n{text}"
             c.node_ids[site] = int(found.group(1))
@@ -203,7 +203,7 @@ def test_study_across_namespaces_equals_pooled_neurocombat(consortium):
                               "--out", run_dir, "--sites", "3", "--root-certificates", c.credentials / "ca.crt"],
                     timeout=900, env=_env(), log=c.logs / "coordinator-run.log")
     assert out.returncode == 0, out.stdout[-4000:]
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     assert results["status"] == "completed", results.get("error")
     assert sorted(results["census"]["sites"]) == SITES and results["census"]["refused"] == {}
     assert results["harmonise"]["sites"] == SITES
@@ -228,7 +228,7 @@ def test_unregistered_key_is_refused(consortium):
     assert "Exit Code: 305" in log
     # the coordinator saw the attempt too: TLS worked, the key is unknown
     assert "[ApiError:2004] Attempted to register SuperNode with public key" in \
-        (consortium.logs / "superlink.log").read_text()
+        (consortium.logs / "superlink.log").read_text(encoding="utf-8")
 
 
 def test_site_without_the_ca_is_refused_before_connecting(consortium):

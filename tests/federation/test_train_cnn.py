@@ -104,7 +104,7 @@ def test_a_training_round_sends_only_weights(trained):
     names = set(build_network("resnet18", spatial_dims=2, in_channels=1, dp=True).state_dict())
     for site in SITES[:3]:
         store = stores[site]
-        entries = [json.loads(line) for line in (store / "egress.jsonl").read_text().splitlines()]
+        entries = [json.loads(line) for line in (store / "egress.jsonl").read_text(encoding="utf-8").splitlines()]
         rounds = [e for e in entries if e["message_type"] == "train.cnn"]
         assert len(rounds) == 2 and all(e["status"] != "refused" for e in rounds)
         for entry in rounds:
@@ -129,7 +129,7 @@ def test_global_weights_change_and_sites_hold_the_dl_score_of_the_final_network(
         assert 0 <= results["cnn"]["dl_score_c_index"][site] <= 1
         # Grad-CAM maps stay at the site: three cases' maps on disk, nothing but scalars in the scores reply
         assert len(list((path / "gradcam").glob("*_gradcam.png"))) == 3
-        ledger = [json.loads(line) for line in (path / "egress.jsonl").read_text().splitlines()]
+        ledger = [json.loads(line) for line in (path / "egress.jsonl").read_text(encoding="utf-8").splitlines()]
         scores_reply = [e for e in ledger if e["message_type"] == "query.cnn_scores"][-1]
         assert all(item["kind"] != "array" for item in scores_reply["items"])
 
@@ -170,7 +170,7 @@ def test_privacy_is_accounted_per_site_and_the_budget_stops_training(trained):
         for _ in range(2):
             accountant.step(noise_multiplier=1.0, sample_rate=1.0)
             expected.append(accountant.get_epsilon(delta=1e-3))
-        ledger = [json.loads(line) for line in (stores[site] / "egress.jsonl").read_text().splitlines()]
+        ledger = [json.loads(line) for line in (stores[site] / "egress.jsonl").read_text(encoding="utf-8").splitlines()]
         spent = [e["dp_epsilon"] for e in ledger if e["message_type"] == "train.cnn"]
         np.testing.assert_allclose(spent, expected, rtol=1e-12)
         assert privacy["epsilon"][site] == pytest.approx(expected[-1], rel=1e-12)
@@ -184,7 +184,7 @@ def test_validation_figures_are_withheld_below_the_minimum_count(trained):
     figures, groups = _held_out_figures(store, _cnn_settings(), net, min_count=4)  # 3 held-out cases
     assert figures["val_n"] == 3 and np.isnan(figures["val_loss"]) and np.isnan(figures["val_c_index"])
     assert groups == {}
-    assert "validation figures withheld (3 case(s)" in (stores["siteA"] / "site.log").read_text()
+    assert "validation figures withheld (3 case(s)" in (stores["siteA"] / "site.log").read_text(encoding="utf-8")
 
 
 def test_early_stopping_keeps_the_best_global_weights():
@@ -204,7 +204,7 @@ def test_deep_features_and_the_dl_score_enter_a_model_and_the_package_scores_a_n
     federated = results["evaluation"]["siteD"]["dlr"]
     assert federated["n"] == 8
     package = root / "run" / "package"
-    manifest = json.loads((package / "manifest.json").read_text())
+    manifest = json.loads((package / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["cnn"]["weights_id"] == results["cnn"]["weights_id"] and (package / "cnn_weights.npz").is_file()
     # a new hospital: siteD's store without anything the federation wrote into it
     fresh = root / "fresh_siteD"

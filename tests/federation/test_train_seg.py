@@ -91,7 +91,7 @@ def test_a_training_round_sends_only_weights_and_four_scalars(federated):
     _, stores, _ = federated
     names = set(build_segmenter(4).state_dict())
     for store in stores.values():
-        entries = [json.loads(line) for line in (store / "egress.jsonl").read_text().splitlines()]
+        entries = [json.loads(line) for line in (store / "egress.jsonl").read_text(encoding="utf-8").splitlines()]
         rounds = [e for e in entries if e["message_type"] == "train.seg"]
         assert len(rounds) == 2 and all(e["status"] == "sent" and e["stage"] == "train_seg" for e in rounds)
         for entry in rounds:

@@ -78,7 +78,7 @@ def test_a_forked_task_gets_exactly_the_arguments_flowers_own_executor_gives_flw
 def test_the_fork_server_never_holds_torch():
     probe = ("import sys, fedrad.client.warm_runtime as w, importlib\n"
              "[importlib.import_module(m) for m in w.PRELOAD]\nprint('torch' in sys.modules)")
-    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, encoding="utf-8")
     assert shown.stdout.strip() == "False"
 
 
@@ -155,7 +155,7 @@ def test_site_join_supervises_its_superexec_and_stops_both(cohort, tmp_path):
 
     join = subprocess.Popen([str(Path(sys.executable).parent / "fedrad"), "site", "join", "--store", str(stores["siteC"]), "--insecure",
                              "--superlink", f"127.0.0.1:{free_port()}", "--port", str(free_port())],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, encoding="utf-8")
     try:
         executor = _wait_for_child(join.pid, "fedrad-superexec")
         node = _wait_for_child(join.pid, "fedrad-supernode")
@@ -176,7 +176,7 @@ def _wait_for_child(parent: int, command: str, other_than: int | None = None, ti
     while time.monotonic() < deadline:
         for pid in descendants(parent):
             try:
-                cmdline = open(f"/proc/{pid}/cmdline").read()
+                cmdline = open(f"/proc/{pid}/cmdline", encoding="utf-8").read()
             except FileNotFoundError:
                 continue
             if command in cmdline and pid != other_than and _alive(pid):

@@ -82,7 +82,7 @@ def test_the_report_says_so(tmp_path):
 
 def _ended_run(run_dir, results: dict, run_id: int = 9) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "study.toml").write_text('[study]\nname = "lost"\nstages = ["census", "fit"]\n')
+    (run_dir / "study.toml").write_text('[study]\nname = "lost"\nstages = ["census", "fit"]\n', encoding="utf-8")
     log = RunLog(run_dir / RUNLOG, run_id=run_id)
     log.start_run("lost")
     for stage in ("census", "fit"):
@@ -90,7 +90,7 @@ def _ended_run(run_dir, results: dict, run_id: int = 9) -> None:
         log.end_stage(stage, "done", 1)
     log.end_run("completed")
     log.close()
-    (run_dir / "results.json").write_text(json.dumps(results))
+    (run_dir / "results.json").write_text(json.dumps(results), encoding="utf-8")
 
 
 def test_the_dashboard_says_so_once_the_run_has_ended(tmp_path):
@@ -132,7 +132,7 @@ def test_fedrad_local_exits_3_when_a_stage_finished_without_a_site(tmp_path, mon
 
 def test_fedrad_coordinator_run_exits_3_when_a_stage_finished_without_a_site(tmp_path, monkeypatch):
     study = tmp_path / "study.toml"
-    study.write_text('[study]\nname = "lost"\nstages = ["census"]\n')
+    study.write_text('[study]\nname = "lost"\nstages = ["census"]\n', encoding="utf-8")
     monkeypatch.setattr("fedrad.server.local.submit", lambda *args: _lost_mid_fit())
     ran = CliRunner().invoke(app, ["coordinator", "run", "--study", str(study), "--superlink", "127.0.0.1:1",
                                    "--insecure", "--out", str(tmp_path / "run")])

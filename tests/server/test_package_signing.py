@@ -44,10 +44,10 @@ def _pem_key(path: Path) -> Path:
 def run(tmp_path) -> Path:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps(RESULTS))
+    (run_dir / "results.json").write_text(json.dumps(RESULTS), encoding="utf-8")
     (run_dir / "study.toml").write_text('[study]\nname = "signed"\nstages = ["census", "fit", "evaluate", "package"]\n'
                                         '[outcome]\nhorizons = [24]\n[[models]]\nname = "rad"\n'
-                                        f'features = ["{FEATURE}"]\n')
+                                        f'features = ["{FEATURE}"]\n', encoding="utf-8")
     return run_dir
 
 
@@ -64,7 +64,7 @@ def test_the_package_stage_signs_every_file_with_a_key_made_once_per_run_directo
     key = run / RUN_KEY
     assert key.stat().st_mode & 0o777 == 0o600
     assert trust_file(package) == run / "package-signing.pub"  # the public half, beside the package
-    document = json.loads((package / SIGNATURE).read_text())
+    document = json.loads((package / SIGNATURE).read_text(encoding="utf-8"))
     assert set(document["files"]) == {MANIFEST, PARAMS}  # the manifest is covered too
     manifest = read_package(package, _trusted(package))
     assert manifest["models"]["rad"]["coefficients"] == {FEATURE: 0.8}
@@ -75,9 +75,9 @@ def test_the_package_stage_signs_every_file_with_a_key_made_once_per_run_directo
 
 
 def test_a_flipped_coefficient_in_the_manifest_is_refused_naming_the_file(package):
-    manifest = json.loads((package / MANIFEST).read_text())
+    manifest = json.loads((package / MANIFEST).read_text(encoding="utf-8"))
     manifest["models"]["rad"]["coefficients"][FEATURE] = -0.8
-    (package / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (package / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     with pytest.raises(PackageError, match=r"package file 'manifest.json' .*is altered"):
         read_package(package, _trusted(package))
 
@@ -87,21 +87,21 @@ def test_unsigned_other_key_missing_and_added_files_are_refused(tmp_path, packag
     other = Ed25519PrivateKey.generate()
     with pytest.raises(PackageError, match=r"signed by key [0-9a-f]{16}, not by the trusted key"):
         read_package(package, other.public_key())
-    (package / "extra.txt").write_text("not signed")
+    (package / "extra.txt").write_text("not signed", encoding="utf-8")
     with pytest.raises(PackageError, match="holds 'extra.txt', which the signature does not cover"):
         read_package(package, trusted)
     (package / "extra.txt").unlink()
-    params = (package / PARAMS).read_text()
+    params = (package / PARAMS).read_text(encoding="utf-8")
     (package / PARAMS).unlink()
     with pytest.raises(PackageError, match="package file 'params.yaml' is missing"):
         read_package(package, trusted)
-    (package / PARAMS).write_text(params)
+    (package / PARAMS).write_text(params, encoding="utf-8")
     read_package(package, trusted)
     # a signature document whose listing is edited to match an edited manifest no longer verifies
-    (package / MANIFEST).write_text((package / MANIFEST).read_text().replace("0.8", "-0.8"))
-    document = json.loads((package / SIGNATURE).read_text())
+    (package / MANIFEST).write_text((package / MANIFEST).read_text(encoding="utf-8").replace("0.8", "-0.8"), encoding="utf-8")
+    document = json.loads((package / SIGNATURE).read_text(encoding="utf-8"))
     document["files"][MANIFEST] = signing.file_digest(package / MANIFEST)
-    (package / SIGNATURE).write_text(json.dumps(document))
+    (package / SIGNATURE).write_text(json.dumps(document), encoding="utf-8")
     with pytest.raises(PackageError, match="signature.json: its signature does not verify with the trusted key"):
         read_package(package, trusted)
     (package / SIGNATURE).unlink()
@@ -110,15 +110,15 @@ def test_unsigned_other_key_missing_and_added_files_are_refused(tmp_path, packag
 
 
 def test_a_truncated_manifest_is_a_clear_error_naming_the_file(run, package):
-    text = (package / MANIFEST).read_text()
-    (package / MANIFEST).write_text(text[: len(text) // 2])
+    text = (package / MANIFEST).read_text(encoding="utf-8")
+    (package / MANIFEST).write_text(text[: len(text) // 2], encoding="utf-8")
     with pytest.raises(PackageError, match="package file 'manifest.json' .*is altered"):
         read_package(package, _trusted(package))
     # signed as it is (a coordinator's disk filled up mid-write): still a sentence, not a traceback
     key = serialization.load_pem_private_key((run / RUN_KEY).read_bytes(), password=None)
     from fedrad.common.package import package_digests
 
-    (package / SIGNATURE).write_text(json.dumps(signing.sign(key, package_digests(package))))
+    (package / SIGNATURE).write_text(json.dumps(signing.sign(key, package_digests(package))), encoding="utf-8")
     with pytest.raises(PackageError, match=r"manifest.json' is not valid JSON \(.*line"):
         read_package(package, _trusted(package))
 
@@ -129,13 +129,13 @@ def _validate(package: Path, trust: Path, tmp_path: Path):
 
 
 def test_fedrad_validate_refuses_an_edited_or_truncated_manifest_and_a_private_key(run, package, tmp_path):
-    manifest = json.loads((package / MANIFEST).read_text())
+    manifest = json.loads((package / MANIFEST).read_text(encoding="utf-8"))
     manifest["models"]["rad"]["coefficients"][FEATURE] = -0.8
-    (package / MANIFEST).write_text(json.dumps(manifest))
+    (package / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     edited = _validate(package, trust_file(package), tmp_path)
     assert edited.exit_code == 2 and "manifest.json" in edited.output and "altered" in edited.output, edited.output
     assert edited.exception is None or isinstance(edited.exception, SystemExit)
-    (package / MANIFEST).write_text('{"format": 1, "sco')
+    (package / MANIFEST).write_text('{"format": 1, "sco', encoding="utf-8")
     truncated = _validate(package, trust_file(package), tmp_path)
     assert truncated.exit_code == 2 and "manifest.json" in truncated.output, truncated.output
     assert "Traceback" not in truncated.output and "JSONDecodeError" not in truncated.output
@@ -162,7 +162,7 @@ def test_fedrad_package_signs_with_the_given_key_and_says_how_to_validate(run, t
 def test_the_key_coordinator_run_names_signs_the_package_stage(run, tmp_path):
     key = _pem_key(tmp_path / "consortium.key")
     name_signing_key(run, key)
-    assert Path((run / KEY_POINTER).read_text().strip()) == key.absolute()
+    assert Path((run / KEY_POINTER).read_text(encoding="utf-8").strip()) == key.absolute()
     package = write_package(run, RESULTS, parse_study(STUDY))
     read_package(package, signing.load_public_key(key.with_suffix(".pub")))
     assert not (run / RUN_KEY).exists()
@@ -174,7 +174,7 @@ def test_the_key_coordinator_run_names_signs_the_package_stage(run, tmp_path):
 
 def test_coordinator_run_needs_a_signing_key_for_a_study_with_a_package_stage(run, tmp_path):
     ca = tmp_path / "ca.crt"
-    ca.write_text("placeholder")
+    ca.write_text("placeholder", encoding="utf-8")
     refused = CliRunner().invoke(app, ["coordinator", "run", "--study", str(run / "study.toml"), "--superlink",
                                        "127.0.0.1:1", "--out", str(tmp_path / "out"), "--ca", str(ca)])
     assert refused.exit_code == 2 and "--sign-key" in refused.output, refused.output
@@ -184,7 +184,7 @@ def test_coordinator_run_needs_a_signing_key_for_a_study_with_a_package_stage(ru
 def test_a_package_is_not_written_over_a_folder_of_other_files(run, tmp_path):
     out = tmp_path / "shared"
     out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(PackageError, match="holds 'notes.txt', which is not a model package file"):
         write_package(run, RESULTS, parse_study(STUDY), out)
     assert os.listdir(out) == ["notes.txt"]

@@ -54,7 +54,7 @@ class NotStarted:
 def _local(tmp_path, study_text: str, sites: dict, monkeypatch):
     monkeypatch.setattr("fedrad.server.local.LocalFederation", NotStarted)
     study = tmp_path / "study.toml"
-    study.write_text(study_text)
+    study.write_text(study_text, encoding="utf-8")
     args = ["local", "--study", str(study), "--out", str(tmp_path / "run")]
     for name, store in sites.items():
         args += ["--site", f"{name}={store}"]
@@ -65,7 +65,7 @@ def _local(tmp_path, study_text: str, sites: dict, monkeypatch):
 
 def test_a_good_study_passes(stores):
     study_file = stores["siteA"].parent / "good.toml"
-    study_file.write_text(GOOD)
+    study_file.write_text(GOOD, encoding="utf-8")
     assert preflight(study_file, {s: stores[s] for s in SIZES}).study.name == "preflight"
 
 
@@ -99,7 +99,7 @@ def test_each_kind_of_missing_column_is_named(stores, tmp_path):
     study.write_text(GOOD.replace('features = ["table__original_firstorder_F0[0-3]"]',
                                   'features = ["table__original_firstorder_F03", "table__wavelet_*"]\n'
                                   'scores = ["dl_score"]')
-                     .replace('clinical = ["age"]', 'clinical = ["grade"]'))
+                     .replace('clinical = ["age"]', 'clinical = ["grade"]'), encoding="utf-8")
     with pytest.raises(PreflightError) as refused:
         preflight(study, {"siteC": stores["siteC"]})
     text = str(refused.value)

@@ -61,8 +61,9 @@ def test_the_command_prints_non_ascii_under_an_ascii_locale(tmp_path):
     fedrad = Path(sys.executable).parent / "fedrad"
     study = tmp_path / "study.toml"
     study.write_text('[study]\nstages = ["census"]\n', encoding="utf-8")
-    shown = subprocess.run([fedrad, "local", "--site", f"Hôpital—A={tmp_path / 'Hôpital—A'}", "--study", study,
-                            "--out", tmp_path / "run"], capture_output=True, env=env, timeout=120)
+    site = f"Hôpital—A={tmp_path / 'Hôpital—A'}".encode("utf-8")  # bytes: this process may be ASCII too
+    shown = subprocess.run([fedrad, "local", "--site", site, "--study", study, "--out", tmp_path / "run"],
+                           capture_output=True, env=env, timeout=120)
     err = shown.stderr.decode("ascii")  # an ASCII locale gets ASCII, non-ASCII escaped
     assert "Traceback" not in err and "UnicodeEncodeError" not in err, err
     assert shown.returncode == 2 and "pital" in err and "the store does not exist" in err, err

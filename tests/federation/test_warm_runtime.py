@@ -108,7 +108,7 @@ def _when_stage_runs(run_dir, stage: str, round_no: int, action, timeout_s: floa
                 if ((ex.stage == stage) & (ex["round"] >= round_no)).any():
                     action()
                     return
-            except (FileNotFoundError, ValueError, KeyError):
+            except (FileNotFoundError, ValueError, KeyError, pd.errors.DatabaseError):  # not written yet
                 pass
             time.sleep(0.2)
 

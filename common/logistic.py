@@ -63,11 +63,16 @@ from sklearn.utils._param_validation import Interval, Options, StrOptions
 
 from fedrad.common.errors import FedradError
 from fedrad.common.newton import (
+    STEP_RATIO_DIVERGING,
     ConvergenceError,
     NewtonState,
     NewtonSummary,
+    NoFiniteEstimateError,
     combine_newton,
+    growing_columns,
+    last_step,
     newton_fit,
+    steps_not_shrinking,
     update_newton,
     wald_table,
 )
@@ -83,12 +88,12 @@ logger = logging.getLogger(__name__)
 #: Rule 1: deviance below this times n means every fitted probability is numerically 0 or 1.
 DEVIANCE_SEPARATION = 1e-6
 #: Rule 2: the last accepted step is at least this fraction of the one before (not shrinking).
-STEP_RATIO_SEPARATION = 0.5
+STEP_RATIO_SEPARATION = STEP_RATIO_DIVERGING
 #: Name of the intercept column in the design and in ``summary_``.
 INTERCEPT = "intercept"
 
 
-class SeparationError(FedradError):
+class SeparationError(NoFiniteEstimateError):
     """The outcome is (quasi-)completely separated by the covariates: the MLE does not exist."""
 
 
@@ -161,37 +166,9 @@ def _penalise(total: NewtonSummary, beta: np.ndarray, ridge: float, intercept: b
                    hess=total.hess - np.diag(weights))
 
 
-def _last_step(state: NewtonState) -> np.ndarray | None:
-    """The step that led from ``state.best_beta`` to ``state.beta`` (None before the first step)."""
-    return None if state.best_beta is None else state.beta - state.best_beta
-
-
-def _diverging(step: np.ndarray | None, previous: np.ndarray | None, beta: np.ndarray) -> bool:
-    """Rule 2's shape test: two steps the same way, the last not much shorter than the one before.
-
-    Steps at rounding level (below ``1e-6 · (1 + max|β|)``) never count, whatever their ratio.
-    """
-    if step is None or previous is None:
-        return False
-    size, before = np.abs(step).max(), np.abs(previous).max()
-    return bool(size > 1e-6 * (1.0 + np.abs(beta).max()) and float(step @ previous) > 0
-                and size >= STEP_RATIO_SEPARATION * before)
-
-
-def _growing_columns(step: np.ndarray, beta: np.ndarray, names: list[str] | None, intercept: bool) -> str:
-    """The columns that moved most in the last step (at least 10% of the largest; the intercept last resort)."""
-    labels = list(names) if names else [f"column {i}" for i in range(len(step))]
-    order = [i for i in np.argsort(-np.abs(step), kind="stable") if not (intercept and i == 0)]
-    if not order:
-        order = [0]
-    top = np.abs(step[order[0]])
-    named = [i for i in order if np.abs(step[i]) >= 0.1 * top][:5]
-    return ", ".join(f"'{labels[i]}' (coef {beta[i]:+.3g}, {step[i]:+.3g} in the last step)" for i in named)
-
-
 def _separation_error(why: str, step: np.ndarray, beta: np.ndarray, names: list[str] | None, intercept: bool,
                       iteration: int) -> SeparationError:
-    detail = _growing_columns(step, beta, names, intercept)
+    detail = growing_columns(step, beta, names, intercept)
     return SeparationError(
         f"the outcome is separated by the covariates ({why} after {iteration} Newton iterations): the "
         f"maximum-likelihood estimate does not exist and the coefficients grow without bound. Likely separating "
@@ -223,14 +200,14 @@ def update_logistic_newton(state: NewtonState, total: NewtonSummary, *, ridge: f
         From :func:`~common.newton.update_newton`.
     """
     watch = not ridge
-    reached = _last_step(state)
+    reached = last_step(state)
     if watch and reached is not None and -2.0 * total.loglik < DEVIANCE_SEPARATION * total.n:
         raise _separation_error(f"deviance {-2.0 * total.loglik:.3g} < {DEVIANCE_SEPARATION:g} x n = "
                                 f"{DEVIANCE_SEPARATION * total.n:.3g}", reached, state.beta, names, intercept,
                                 state.iteration)
     pen = _penalise(total, state.beta, ridge, intercept)
     try:
-        new = update_newton(state, pen, ridge=0.0, tol=tol, names=names)
+        new = update_newton(state, pen, ridge=0.0, tol=tol, names=names, watch=False)  # separation: rules above
     except ConvergenceError as exc:
         sizes = [e["step"] for e in state.history if isinstance(e["step"], float)]
         if watch and state.halvings == 0 and reached is not None and len(sizes) >= 2 \
@@ -238,10 +215,10 @@ def update_logistic_newton(state: NewtonState, total: NewtonSummary, *, ridge: f
                 and sizes[-1] >= STEP_RATIO_SEPARATION * sizes[-2]:
             raise _separation_error(f"{exc}", reached, state.beta, names, intercept, state.iteration) from exc
         raise
-    step = _last_step(new)
+    step = last_step(new)
     if new.iteration > state.iteration and watch:
         # An accepted step: compare it with the step that led to the point just accepted.
-        if new.converged and _diverging(step, reached, new.beta):
+        if new.converged and steps_not_shrinking(step, reached, new.beta):
             raise _separation_error("Newton's stopping rule met while its steps were not shrinking", step, new.beta,
                                     names, intercept, new.iteration)
     return new
@@ -251,7 +228,7 @@ def _step_is_diverging(state: NewtonState, previous_state: NewtonState | None) -
     """Rule 2 at ``max_iter``: the last two accepted steps (from the two states) are diverging."""
     if previous_state is None or state.halvings or previous_state.halvings:
         return False
-    return _diverging(_last_step(state), _last_step(previous_state), state.beta)
+    return steps_not_shrinking(last_step(state), last_step(previous_state), state.beta)
 
 
 def _checked_inputs(estimator, X, y) -> tuple[np.ndarray, np.ndarray, int]:
@@ -442,7 +419,7 @@ class FederatedLogisticRegression(ClassifierMixin, BaseEstimator):
             hint = ""
             if not self.ridge and _step_is_diverging(state, previous):
                 hint = ("; its steps were not shrinking, as under separation: "
-                        + _growing_columns(_last_step(state), state.beta, names, self.fit_intercept))
+                        + growing_columns(last_step(state), state.beta, names, self.fit_intercept))
             last = state.history[-1]["step"]
             last = f"{last:.3g}" if isinstance(last, float) else last
             return (f"Newton did not converge in {self.max_iter} iterations (last step {last}){hint}; "

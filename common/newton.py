@@ -7,9 +7,20 @@ pooled iterates exactly.
 
 Stopping rules (named, as in lifelines' ``_newton_raphson_for_efron_model``): the
 Newton decrement ``δᵀ(-H)δ / 2`` below ``tol``, or the largest step ``|δ|`` below ``tol``.
+Once a rule is met the loop evaluates the new point once more (``NewtonState.final``), so the
+log-likelihood, gradient and standard errors reported are those of the returned β, not of
+the iterate before it. A fit stopped by the iteration limit returns the best point it
+evaluated, marked not converged (``NewtonState.stop`` says which rule ended it).
 A step that lowers the (penalised) log-likelihood is halved, from the best point so far.
 Before the first step the Hessian is checked for aliased columns (a clear error names
 them) unless a ridge penalty makes the problem well posed.
+
+No finite estimate (monotone likelihood in Cox, separation in logistic): the likelihood rises
+for ever along some direction, β moves by a roughly constant amount per step while the
+decrement shrinks geometrically, so the decrement rule is met with β far out (|β| ≈ 20).
+A finite maximum is reached quadratically, its last steps shrinking fast; so a stopping rule
+met while the last accepted step is at least half the one before, the same way, raises
+:class:`NoFiniteEstimateError` naming the columns that moved (unless a ridge penalty is set).
 
 One loop drives every Newton fit, in one process or federated (:func:`run_newton`; one fit:
 :func:`newton_fit`): it evaluates, steps, stops on the rule or at the iteration limit and warns
@@ -30,8 +41,12 @@ from scipy import linalg
 from fedrad.common.errors import FedradError
 
 __all__ = ["NewtonSummary", "NewtonState", "RankDeficientError", "ConvergenceError", "ConvergenceWarning",
-           "combine_newton", "start_newton", "update_newton", "run_newton", "newton_fit", "aliased_columns",
-           "wald_table"]
+           "NoFiniteEstimateError", "combine_newton", "start_newton", "update_newton", "run_newton", "newton_fit",
+           "aliased_columns", "wald_table", "fitted_point", "stop_report", "last_step", "steps_not_shrinking",
+           "growing_columns", "STEP_RATIO_DIVERGING"]
+
+#: a stopping rule met while the last step is at least this fraction of the one before: no finite estimate
+STEP_RATIO_DIVERGING = 0.5
 
 
 class RankDeficientError(FedradError):
@@ -40,6 +55,10 @@ class RankDeficientError(FedradError):
 
 class ConvergenceError(FedradError):
     """Newton could not make progress (a non-finite step, or the step collapsed under halving)."""
+
+
+class NoFiniteEstimateError(FedradError):
+    """The likelihood has no maximum: some coefficients grow without bound (monotone likelihood, separation)."""
 
 
 class ConvergenceWarning(UserWarning):
@@ -73,6 +92,8 @@ class NewtonState:
     best_beta, best : the best point evaluated so far and its (penalised) summary.
     loglik_null : log-likelihood at β = 0 (the first evaluation).
     history : one dict per evaluation (iteration, loglik, step, halvings, decrement).
+    final : the (penalised) summary at ``beta`` once a stopping rule was met and ``beta`` evaluated.
+    stop : the rule that ended the fit: "decrement", "step", or (set by :func:`run_newton`) the limit.
     """
 
     beta: np.ndarray
@@ -83,6 +104,8 @@ class NewtonState:
     converged: bool = False
     loglik_null: float | None = None
     history: tuple = field(default_factory=tuple)
+    final: NewtonSummary | None = None
+    stop: str = ""
 
 
 def start_newton(n_params: int, beta0: np.ndarray | None = None) -> NewtonState:
@@ -111,13 +134,83 @@ def aliased_columns(information: np.ndarray, rtol: float = 1e-10) -> list[int]:
     return sorted(set(pivots[rank:].tolist()) | set(np.flatnonzero(zero).tolist()))
 
 
+def last_step(state: NewtonState) -> np.ndarray | None:
+    """The step that led from ``state.best_beta`` to ``state.beta`` (None before the first step)."""
+    return None if state.best_beta is None else state.beta - state.best_beta
+
+
+def steps_not_shrinking(step: np.ndarray | None, previous: np.ndarray | None, beta: np.ndarray) -> bool:
+    """Two steps the same way, the last not much shorter than the one before (steps at rounding level,
+    below ``1e-6 · (1 + max|β|)``, never count): how a fit without a finite maximum moves."""
+    if step is None or previous is None:
+        return False
+    size, before = np.abs(step).max(), np.abs(previous).max()
+    return bool(size > 1e-6 * (1.0 + np.abs(beta).max()) and float(step @ previous) > 0
+                and size >= STEP_RATIO_DIVERGING * before)
+
+
+def growing_columns(step: np.ndarray, beta: np.ndarray, names: list[str] | None, skip_first: bool = False) -> str:
+    """The columns that moved most in the last step (at least 10% of the largest), for error messages;
+    ``skip_first``: column 0 is an intercept, named only when nothing else moved."""
+    labels = list(names) if names else [f"column {i}" for i in range(len(step))]
+    order = [i for i in np.argsort(-np.abs(step), kind="stable") if not (skip_first and i == 0)] or [0]
+    top = np.abs(step[order[0]])
+    named = [i for i in order if np.abs(step[i]) >= 0.1 * top][:5]
+    return ", ".join(f"'{labels[i]}' (coef {beta[i]:+.3g}, {step[i]:+.3g} in the last step)" for i in named)
+
+
+def _final(state: NewtonState, pen: NewtonSummary) -> NewtonState:
+    """The evaluation at the point a stopping rule returned: its summary becomes the fit's."""
+    try:
+        decrement = 0.5 * float(pen.grad @ linalg.solve(-pen.hess, pen.grad, assume_a="sym"))
+    except (linalg.LinAlgError, ValueError):
+        decrement = float("nan")
+    entry = {"iteration": state.iteration, "loglik": pen.loglik, "step": "final", "decrement": decrement}
+    return replace(state, final=pen, history=state.history + (entry,))
+
+
+def fitted_point(state: NewtonState) -> tuple[np.ndarray, NewtonSummary]:
+    """(β, its penalised summary) to report: the confirmed final point, or the best point evaluated
+    when a limit stopped the fit (the unevaluated next iterate is never reported)."""
+    if state.final is not None:
+        return state.beta, state.final
+    return state.best_beta, state.best
+
+
+def stop_report(state: NewtonState) -> dict:
+    """What ended the fit, for results.json and the report: the rule, the iterations, the last accepted
+    step's largest |Δβ|, and the largest |gradient| and the Newton decrement at the returned β."""
+    beta, summary = fitted_point(state)
+    steps = [e["step"] for e in state.history if isinstance(e["step"], float)]
+    decrement = state.history[-1]["decrement"] if state.final is not None else float("nan")
+    return {"rule": state.stop or "not converged", "converged": bool(state.converged), "iterations": state.iteration,
+            "max_step": steps[-1] if steps else None, "grad_norm": float(np.abs(summary.grad).max(initial=0.0)),
+            "decrement": None if np.isnan(decrement) else float(decrement)}
+
+
+def _no_finite_estimate(step: np.ndarray, beta: np.ndarray, names: list[str] | None, iteration: int):
+    return NoFiniteEstimateError(
+        f"no finite estimate: Newton's stopping rule was met after {iteration} iterations while its steps were not "
+        f"shrinking, so the likelihood keeps rising as these coefficients grow without bound (monotone likelihood): "
+        f"{growing_columns(step, beta, names)}. Typical cause: a binary column one of whose levels holds only "
+        "censored patients (or only the earliest events) in every site. Drop or merge it, or set a ridge penalty "
+        "(e.g. ridge = 1.0)")
+
+
 def update_newton(state: NewtonState, total: NewtonSummary, *, ridge: float = 0.0, tol: float = 1e-10,
-                  max_halvings: int = 30, names: list[str] | None = None) -> NewtonState:
-    """Take the sites' summed summary at ``state.beta`` and return the next point to evaluate."""
+                  max_halvings: int = 30, names: list[str] | None = None, watch: bool = True) -> NewtonState:
+    """Take the sites' summed summary at ``state.beta`` and return the next point to evaluate.
+
+    A state whose stopping rule was met gets its final summary (see the module docstring). ``watch``
+    (only without a ridge penalty) raises :class:`NoFiniteEstimateError` when the rule is met while the
+    steps are not shrinking; a model with its own rule (logistic separation) turns it off.
+    """
     beta = state.beta
     pen = _penalised(total, beta, ridge)
     if not np.isfinite(pen.loglik) or not np.all(np.isfinite(pen.grad)):
         raise ConvergenceError(f"non-finite log-likelihood or gradient at Newton iteration {state.iteration}")
+    if state.converged:
+        return _final(state, pen)
     null = total.loglik if state.loglik_null is None else state.loglik_null
     if state.best is not None and pen.loglik < state.best.loglik - 1e-12 * abs(state.best.loglik):
         if state.halvings >= max_halvings:
@@ -143,9 +236,11 @@ def update_newton(state: NewtonState, total: NewtonSummary, *, ridge: float = 0.
     decrement = 0.5 * float(pen.grad @ delta)
     entry = {"iteration": state.iteration, "loglik": pen.loglik, "step": float(np.abs(delta).max()),
              "decrement": decrement}
-    converged = decrement < tol or np.abs(delta).max() < tol
+    stop = "decrement" if decrement < tol else "step" if np.abs(delta).max() < tol else ""
+    if stop and watch and not ridge and steps_not_shrinking(delta, last_step(state), beta + delta):
+        raise _no_finite_estimate(delta, beta + delta, names, state.iteration + 1)
     return NewtonState(beta=beta + delta, best_beta=beta, best=pen, iteration=state.iteration + 1, halvings=0,
-                       converged=converged, loglik_null=null, history=state.history + (entry,))
+                       converged=bool(stop), loglik_null=null, history=state.history + (entry,), stop=stop)
 
 
 def run_newton(evaluate, states: dict, step, *, max_iter: int | None = 100, max_rounds: int | None = None,
@@ -181,7 +276,11 @@ def run_newton(evaluate, states: dict, step, *, max_iter: int | None = 100, max_
 
     def running(key) -> bool:
         state = states[key]
-        return not state.converged and key not in errors and (max_iter is None or state.iteration < max_iter)
+        if key in errors:
+            return False
+        if state.converged:  # one more evaluation, at the point the rule returned
+            return state.final is None
+        return max_iter is None or state.iteration < max_iter
 
     while max_rounds is None or rounds < max_rounds:
         active = [key for key in states if running(key)]
@@ -196,17 +295,24 @@ def run_newton(evaluate, states: dict, step, *, max_iter: int | None = 100, max_
             except failures as exc:
                 errors[key] = exc
                 continue
+            if before.converged and states[key].final is None:  # a step of its own that ignores final
+                states[key] = replace(before, final=totals[key])
             if states[key].iteration > before.iteration:
                 previous[key] = before
             if on_step is not None:
                 on_step(key, states[key])
     for key, state in states.items():
-        if not state.converged and key not in errors:
+        if key in errors:
+            continue
+        if state.converged and state.final is None:  # max_rounds ended it before the final evaluation
+            states[key] = replace(state, beta=state.best_beta, final=state.best)
+        elif not state.converged:
+            capped = max_iter is not None and state.iteration >= max_iter
+            limit = f"{max_iter} iterations" if capped else f"{max_rounds} rounds"
+            states[key] = replace(state, stop=f"limit: {limit}")
             if message is not None:
                 text = message(key, state, previous[key])
             else:
-                capped = max_iter is not None and state.iteration >= max_iter
-                limit = f"{max_iter} iterations" if capped else f"{max_rounds} rounds"
                 text = f"Newton did not converge in {limit}" + ("" if len(states) == 1 else f" ({key})")
             warnings.warn(text, ConvergenceWarning, stacklevel=stacklevel)
     return states, errors

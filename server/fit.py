@@ -20,8 +20,9 @@ from fedrad.common.logistic import (SeparationError, logistic_null_intercept, lo
                                    update_logistic_newton)
 from fedrad.common.cox import RiskSetSums, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets
 from fedrad.common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_BASELINE, MODEL_SUMMARIES, record_arrays, request
-from fedrad.common.newton import (ConvergenceError, NewtonSummary, RankDeficientError, newton_fit, run_newton,
-                                  start_newton, update_newton, wald_table)
+from fedrad.common.newton import (ConvergenceError, NewtonSummary, NoFiniteEstimateError, RankDeficientError,
+                                  fitted_point, newton_fit, run_newton, start_newton, stop_report, update_newton,
+                                  wald_table)
 from fedrad.common.nomogram import axis_ranges, build_nomogram
 from fedrad.common.penalised import Penalty, PathSummary, combine_path_summary, path_choice, run_path
 from fedrad.common.study import SELECTED, Features, Model, Study, select_features
@@ -29,7 +30,7 @@ from fedrad.server.federation import Federation, StageFailed, StageTraffic
 
 MAX_NEWTON_ROUNDS = 50
 #: a model (or a univariate candidate) that cannot be fitted
-_FIT_ERRORS = (RankDeficientError, SeparationError, ConvergenceError)
+_FIT_ERRORS = (RankDeficientError, SeparationError, NoFiniteEstimateError, ConvergenceError)
 
 
 class _SiteDropped(Exception):
@@ -220,9 +221,13 @@ def _univariate_then_multivariable(fed, sites, plan: dict, model: Model, traffic
         if column in dropped:
             univariate.append({"covariate": column, "error": dropped[column]})
             continue
+        if not states[j].converged:  # its p-value would be that of an unfinished fit
+            univariate.append({"covariate": column, "error": f"Newton did not converge ({states[j].stop})"})
+            continue
         names = (["intercept"] if logistic else []) + [column]
-        row = wald_table(states[j].beta, states[j].best.hess, names, exp_name="OR" if logistic else "HR").iloc[-1]
-        univariate.append({"covariate": column, **row.to_dict()})
+        beta, summary = fitted_point(states[j])
+        row = wald_table(beta, summary.hess, names, exp_name="OR" if logistic else "HR").iloc[-1]
+        univariate.append({"covariate": column, **row.to_dict(), "stop": stop_report(states[j])})
     entered = [r["covariate"] for r in univariate if "error" not in r and r["p"] < model.univariate_p]
     log(INFO, "fit: model '%s': %d of %d candidate(s) pass the univariate screen (p < %g): %s", model.name,
         len(entered), len(candidates), model.univariate_p, ", ".join(entered) or "none")
@@ -269,18 +274,19 @@ def _newton(evaluate, names, model: Model, logistic: bool, record=None) -> dict:
                        on_step=None if record is None else lambda state: record(len(state.history), state.history[-1]),
                        message=lambda *_: f"fit: model '{model.name}': Newton did not converge in "
                                           f"{MAX_NEWTON_ROUNDS} iterations")
-    table = wald_table(state.beta, state.best.hess, names, exp_name="OR" if logistic else "HR")
-    penalised = state.best_beta[1:] if logistic else state.best_beta  # the intercept is never penalised
-    loglik = float(state.best.loglik) + 0.5 * model.ridge * float(penalised @ penalised)
+    beta, summary = fitted_point(state)  # the returned β and the sums evaluated there
+    table = wald_table(beta, summary.hess, names, exp_name="OR" if logistic else "HR")
+    penalised = beta[1:] if logistic else beta  # the intercept is never penalised
+    loglik = float(summary.loglik) + 0.5 * model.ridge * float(penalised @ penalised)
     null = float(state.loglik_null)
     if logistic:  # the intercept-only model (statsmodels' llnull), not β = 0
-        null = logistic_null_loglik(state.best.n, state.best.events)
+        null = logistic_null_loglik(summary.n, summary.events)
     return {
-        "kind": model.kind, "penalty": "none", "converged": bool(state.converged),
-        "coefficients": dict(zip(names, map(float, state.beta))),
+        "kind": model.kind, "penalty": "none", "converged": bool(state.converged), "stop": stop_report(state),
+        "coefficients": dict(zip(names, map(float, beta))),
         "table": table.reset_index().to_dict(orient="records"),
         "loglik": loglik, "loglik_null": null,
-        "n": int(state.best.n), "events": int(state.best.events),
+        "n": int(summary.n), "events": int(summary.events),
     }
 
 

@@ -63,6 +63,7 @@ expected-sites = 0
 
 CONNECTION = "fedrad"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RESULTS_WAIT_S = 30.0  # after `flwr run` returns, for the ServerApp to write results.json
 class FederationError(FedradError):
     """A Flower process could not be started or the run could not be submitted."""
 
@@ -133,10 +134,21 @@ def submit(run_dir: Path, run_config: Path, cli_home: Path, echo) -> dict:
         except BaseException:
             os.killpg(proc.pid, signal.SIGTERM)
             raise
-    if not results_path.is_file():
-        raise FederationError(f"the study run ended without {RESULTS} (flwr run exit {proc.returncode}); "
-                              f"see {run_dir / 'logs'}")
+    if not _appears(results_path, RESULTS_WAIT_S):
+        raise FederationError(f"the study run ended without {RESULTS} (flwr run exit {proc.returncode}, waited "
+                              f"{RESULTS_WAIT_S:g} s for the ServerApp); see {run_dir / 'logs'}")
     return json.loads(results_path.read_text(encoding="utf-8"))
+
+
+def _appears(path: Path, seconds: float) -> bool:
+    """``flwr run --stream`` can return before the ServerApp process has written its last file (an
+    interrupted study writes results.json with status "interrupted" on its way out): wait for it."""
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class LocalFederation:

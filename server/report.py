@@ -74,6 +74,20 @@ def selection_section(results: dict) -> dict | None:
     return {"table": table(pd.DataFrame(rows)), "selected": ", ".join(select.get("selected", []))}
 
 
+def _stop_line(stop: dict | None) -> str:
+    """How the Newton fit ended, as a statistician reads it: converged by which rule, or not."""
+    if not stop:
+        return ""
+    def g(value):
+        return "-" if value is None else f"{value:.2g}"
+    figures = (f"{stop['iterations']} iteration(s), last max|Δβ| {g(stop['max_step'])}, "
+               f"max|gradient| {g(stop['grad_norm'])} at the reported β")
+    if not stop["converged"]:
+        return f"NOT converged: stopped at the {stop['rule'].removeprefix('limit: ')} limit ({figures})"
+    rule = "Newton decrement < 1e-10" if stop["rule"] == "decrement" else "largest step < 1e-10"
+    return f"Converged ({rule}; {figures})"
+
+
 def _model(name: str, model: dict) -> dict:
     out = {"name": name, "kind": "Cox (stratified by site)" if model["kind"] == "cox" else "logistic",
            "rounds": model.get("rounds", "?"), "univariate": None, "table": None, "elastic_net": None,
@@ -86,6 +100,7 @@ def _model(name: str, model: dict) -> dict:
                              "independent": ", ".join(model.get("independent", [])) or "none"}
     if model.get("table"):
         out["table"] = table(pd.DataFrame(model["table"]))
+        out["stop"] = _stop_line(model.get("stop"))
     elif model.get("coefficients"):
         chosen = {k: v for k, v in model["coefficients"].items() if v}
         out["elastic_net"] = {"alpha": fmt(model.get("alpha"), 4), "rule": model.get("rule"), "n": len(chosen),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import traceback
 from logging import ERROR, INFO, WARNING
@@ -81,7 +82,9 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         results["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        (run_dir / RESULTS).write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+        partial = run_dir / f".{RESULTS}.partial"  # `fedrad local` waits for the file: never let it see half
+        partial.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+        os.replace(partial, run_dir / RESULTS)
         runlog.close()
         _report(run_dir, results)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrad.client.ledger import append_entry
@@ -32,7 +32,12 @@ from fedrad.client.store import open_store
 from fedrad.client.store_guard import check_unchanged, remember_census
 from fedrad.common import schemas
 from fedrad.common.errors import FedradError
-from fedrad.common.messages import CENSUS, PRIVACY_REFUSED, SITE_FAILED, STAGE_OF, record_arrays, request_plan
+from fedrad.common.messages import (CENSUS, CNN_SCORES, COMBAT_ADJUST, COMBAT_MOMENTS, COMBAT_RESIDUALS,
+                                    COMBAT_VALIDATE, COX_EVENT_TIMES, COX_RISK_SETS, EVALUATE_CALIBRATION,
+                                    EVALUATE_METRICS, EVALUATE_THRESHOLDS, MODEL_BASELINE, MODEL_SUMMARIES,
+                                    PRIVACY_REFUSED, SELECT_SUMS, SEG_DICE, SITE_FAILED, STAGE_OF, TRAIN_CNN,
+                                    TRAIN_SEG, ZSCORE_APPLY, join_batch_reply, record_arrays, request_plan,
+                                    split_batch)
 from fedrad.common.study import parse_study
 
 app = ClientApp()
@@ -46,7 +51,12 @@ def site_settings(node_config) -> tuple[Path, str, int]:
 
 
 def answer(msg: Message, context: Context, build) -> Message:
-    """Run ``build(store, plan, study, site, min_count) -> (content, disclosure)``, guard, ledger, reply.
+    """Run ``build(store, plan, study, site, min_count) -> (content, disclosure)``, guard, ledger, reply."""
+    return Message(guarded(msg.metadata.message_type, msg.content, context, build), reply_to=msg)
+
+
+def guarded(message_type: str, request_content: RecordDict, context: Context, build) -> RecordDict | Error:
+    """The reply content (or the refusal) of one request, guarded and on the ledger.
 
     Everything that reads the request or the store happens inside the guarded block, so any
     failure becomes a ledgered refusal. Only fedrad's own messages (which name fields and
@@ -54,12 +64,11 @@ def answer(msg: Message, context: Context, build) -> Message:
     data (numpy quotes the offending cell), so the coordinator gets its type only and the
     site's log gets the rest.
     """
-    message_type = msg.metadata.message_type
     stage = STAGE_OF.get(message_type, message_type)
     store_path, site, identifiers = None, str(context.node_config.get("site-name", "site")), frozenset()
     try:
         store_path, site, site_min = site_settings(context.node_config)
-        plan = request_plan(msg.content)
+        plan = request_plan(request_content)
         study = parse_study(plan.pop("study"), source="the coordinator's study")  # handlers read the parsed study
         min_count = max(study.privacy.min_count, site_min)
         store = open_store(store_path)
@@ -81,121 +90,89 @@ def answer(msg: Message, context: Context, build) -> Message:
             site_log(store_path, f"{message_type} refused: {getattr(exc, 'detail', exc)}\n"
                      + ("" if isinstance(exc, FedradError) else traceback.format_exc()))
             append_entry(store_path, run_id=context.run_id, stage=stage, message_type=message_type, refusal=reason)
-        return Message(Error(code=PRIVACY_REFUSED if privacy else SITE_FAILED, reason=reason), reply_to=msg)
+        return Error(code=PRIVACY_REFUSED if privacy else SITE_FAILED, reason=reason)
     append_entry(store_path, run_id=context.run_id, stage=stage, message_type=message_type, content=content)
-    return Message(content, reply_to=msg)
+    return content
 
 
-def _arrays(msg: Message) -> dict:
-    if "arrays" not in msg.content:
-        raise FedradError(f"the coordinator's {msg.metadata.message_type} request carries no arrays")
-    return record_arrays(msg.content["arrays"])
-
-
-@app.query("census")
-def census(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  census_reply(store, study, site, min_count))
-
-
-@app.query("combat_moments")
-def combat_moments(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count: moments_reply(store, plan, study, site))
-
-
-@app.query("combat_residuals")
-def combat_residuals(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  residuals_reply(store, plan, study, site, _arrays(msg)))
-
-
-@app.query("combat_adjust")
-def combat_adjust(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  adjust_reply(store, plan, study, site, _arrays(msg), context.run_id))
-
-
-@app.query("zscore_apply")
-def zscore_apply(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  zscore_reply(store, plan, _arrays(msg), context.run_id))
-
-
-@app.query("combat_validate")
-def combat_validate(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  validate_reply(store, plan, study, site, _arrays(msg), context.run_id))
-
-
-@app.query("model_summaries")
-def model_summaries(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  model_summaries_reply(store, plan, site, _arrays(msg)))
-
-
-@app.query("model_baseline")
-def model_baseline(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  baseline_reply(store, plan, site, _arrays(msg), min_count))
+def _arrays(content: RecordDict, message_type: str) -> dict:
+    if "arrays" not in content:
+        raise FedradError(f"the coordinator's {message_type} request carries no arrays")
+    return record_arrays(content["arrays"])
 
 
 def _allows_event_times(context: Context) -> bool:
     return str(context.node_config.get("allow-event-times", "false")).lower() == "true"
 
 
-@app.query("cox_event_times")
-def cox_event_times(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  event_times_reply(store, plan, site, _allows_event_times(context)))
+#: message type -> ``(request content, context) -> build`` (see :func:`answer`); one entry per Flower handler
+BUILDS = {
+    CENSUS: lambda content, context: lambda store, plan, study, site, min_count:
+        census_reply(store, study, site, min_count),
+    COMBAT_MOMENTS: lambda content, context: lambda store, plan, study, site, min_count:
+        moments_reply(store, plan, study, site),
+    COMBAT_RESIDUALS: lambda content, context: lambda store, plan, study, site, min_count:
+        residuals_reply(store, plan, study, site, _arrays(content, COMBAT_RESIDUALS)),
+    COMBAT_ADJUST: lambda content, context: lambda store, plan, study, site, min_count:
+        adjust_reply(store, plan, study, site, _arrays(content, COMBAT_ADJUST), context.run_id),
+    ZSCORE_APPLY: lambda content, context: lambda store, plan, study, site, min_count:
+        zscore_reply(store, plan, _arrays(content, ZSCORE_APPLY), context.run_id),
+    COMBAT_VALIDATE: lambda content, context: lambda store, plan, study, site, min_count:
+        validate_reply(store, plan, study, site, _arrays(content, COMBAT_VALIDATE), context.run_id),
+    MODEL_SUMMARIES: lambda content, context: lambda store, plan, study, site, min_count:
+        model_summaries_reply(store, plan, site, _arrays(content, MODEL_SUMMARIES)),
+    MODEL_BASELINE: lambda content, context: lambda store, plan, study, site, min_count:
+        baseline_reply(store, plan, site, _arrays(content, MODEL_BASELINE), min_count),
+    COX_EVENT_TIMES: lambda content, context: lambda store, plan, study, site, min_count:
+        event_times_reply(store, plan, site, _allows_event_times(context)),
+    COX_RISK_SETS: lambda content, context: lambda store, plan, study, site, min_count:
+        risk_sets_reply(store, plan, site, _arrays(content, COX_RISK_SETS), _allows_event_times(context)),
+    SELECT_SUMS: lambda content, context: lambda store, plan, study, site, min_count:
+        select_sums_reply(store, plan, min_count),
+    EVALUATE_THRESHOLDS: lambda content, context: lambda store, plan, study, site, min_count:
+        thresholds_reply(store, plan, site),
+    EVALUATE_METRICS: lambda content, context: lambda store, plan, study, site, min_count:
+        metrics_reply(store, plan, site, min_count),
+    EVALUATE_CALIBRATION: lambda content, context: lambda store, plan, study, site, min_count:
+        calibration_newton_reply(store, plan, site, _arrays(content, EVALUATE_CALIBRATION)),
+    TRAIN_CNN: lambda content, context: lambda store, plan, study, site, min_count:
+        train_reply(store, plan, study, site, _arrays(content, TRAIN_CNN), min_count, context.run_id),
+    CNN_SCORES: lambda content, context: lambda store, plan, study, site, min_count:
+        scores_reply(store, plan, study, site, _arrays(content, CNN_SCORES)),
+    TRAIN_SEG: lambda content, context: lambda store, plan, study, site, min_count:
+        seg_train_reply(store, plan, study, site, _arrays(content, TRAIN_SEG), min_count),
+    SEG_DICE: lambda content, context: lambda store, plan, study, site, min_count:
+        seg_dice_reply(store, plan, study, site, _arrays(content, SEG_DICE), min_count),
+}
+#: what a batch may hold: the aggregate queries (never training, whose replies are weights)
+BATCHABLE = frozenset(t for t in BUILDS if t.startswith("query."))
 
 
-@app.query("cox_risk_sets")
-def cox_risk_sets(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  risk_sets_reply(store, plan, site, _arrays(msg), _allows_event_times(context)))
+def _handler(message_type: str):
+    def handle(msg: Message, context: Context) -> Message:
+        return answer(msg, context, BUILDS[message_type](msg.content, context))
+    handle.__name__ = message_type.replace(".", "_")
+    return handle
 
 
-@app.query("select_sums")
-def select_sums(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count: select_sums_reply(store, plan, min_count))
+for _type in BUILDS:
+    _kind, _action = _type.split(".")
+    (app.train if _kind == "train" else app.query)(_action)(_handler(_type))
 
 
-@app.query("evaluate_thresholds")
-def evaluate_thresholds(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count: thresholds_reply(store, plan, site))
-
-
-@app.query("evaluate_metrics")
-def evaluate_metrics(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  metrics_reply(store, plan, site, min_count))
-
-
-@app.query("evaluate_calibration")
-def evaluate_calibration(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  calibration_newton_reply(store, plan, site, _arrays(msg)))
-
-
-@app.train("cnn")
-def train_cnn(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  train_reply(store, plan, study, site, _arrays(msg), min_count, context.run_id))
-
-
-@app.query("cnn_scores")
-def cnn_scores(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  scores_reply(store, plan, study, site, _arrays(msg)))
-
-
-@app.train("seg")
-def train_seg(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  seg_train_reply(store, plan, study, site, _arrays(msg), min_count))
-
-
-@app.query("seg_dice")
-def seg_dice(msg: Message, context: Context) -> Message:
-    return answer(msg, context, lambda store, plan, study, site, min_count:
-                  seg_dice_reply(store, plan, study, site, _arrays(msg), min_count))
+@app.query("batch")
+def batch(msg: Message, context: Context) -> Message:
+    """Several requests in one message (independent models fitted in the same round trips): each is
+    answered, guarded and ledgered as if it had come alone; a refusal of one is that part's error only."""
+    try:
+        parts = split_batch(msg.content)
+    except FedradError as exc:
+        return Message(Error(code=SITE_FAILED, reason=f"{context.node_config.get('site-name', 'site')}: {exc}"),
+                       reply_to=msg)
+    answers = {}
+    for key, (message_type, content) in parts.items():
+        if message_type not in BATCHABLE:
+            answers[key] = Error(code=SITE_FAILED, reason=f"a batch cannot carry {message_type}")
+            continue
+        answers[key] = guarded(message_type, content, context, BUILDS[message_type](content, context))
+    return Message(join_batch_reply(answers), reply_to=msg)

@@ -96,3 +96,50 @@ def request_plan(content: RecordDict) -> dict:
 def payload_bytes(content: RecordDict) -> bytes:
     """A record as Flower serialises it (deterministic): what is sized, hashed and ledgered."""
     return recorddict_to_proto(content).SerializeToString(deterministic=True)
+
+
+#: several requests in one message: independent fits that share their round trips (see server/shared_rounds.py)
+BATCH = "query.batch"
+_BATCH_RECORD = "batch"
+
+
+def make_batch(parts: dict[str, tuple[str, RecordDict]]) -> RecordDict:
+    """One message's content from ``{key: (message type, request content)}``; each part's records travel
+    under ``"<key>.<record>"`` and the types in the ``"batch"`` record."""
+    content = RecordDict({_BATCH_RECORD: ConfigRecord({"types": json.dumps({k: t for k, (t, _) in parts.items()})})})
+    for key, (_, part) in parts.items():
+        for name, record in part.items():
+            content[f"{key}.{name}"] = record
+    return content
+
+
+def _prefixed(content: RecordDict, key: str) -> RecordDict:
+    return RecordDict({name.split(".", 1)[1]: record for name, record in content.items()
+                       if name.startswith(f"{key}.")})
+
+
+def split_batch(content: RecordDict) -> dict[str, tuple[str, RecordDict]]:
+    """The parts of :func:`make_batch`'s content."""
+    from fedrad.common.errors import FedradError
+
+    if _BATCH_RECORD not in content or "types" not in content[_BATCH_RECORD]:
+        raise FedradError("the coordinator's batch request names no parts")
+    return {key: (message_type, _prefixed(content, key))
+            for key, message_type in json.loads(content[_BATCH_RECORD]["types"]).items()}
+
+
+def join_batch_reply(answers: dict) -> RecordDict:
+    """A site's reply to a batch: each part's reply content, or its refusal (an ``Error``: code and reason)."""
+    errors = {key: [int(a.code), str(a.reason)] for key, a in answers.items() if not isinstance(a, RecordDict)}
+    reply = RecordDict({_BATCH_RECORD: ConfigRecord({"errors": json.dumps(errors)})})
+    for key, answer in answers.items():
+        if isinstance(answer, RecordDict):
+            for name, record in answer.items():
+                reply[f"{key}.{name}"] = record
+    return reply
+
+
+def split_batch_reply(content: RecordDict, keys) -> dict[str, RecordDict | tuple[int, str]]:
+    """``{key: reply content, or (error code, reason)}`` of :func:`join_batch_reply`'s content."""
+    errors = json.loads(content[_BATCH_RECORD]["errors"]) if _BATCH_RECORD in content else {}
+    return {key: tuple(errors[key]) if key in errors else _prefixed(content, key) for key in keys}

@@ -10,6 +10,7 @@ dropped and the model restarts without it while ``min_sites`` remain.
 
 from __future__ import annotations
 
+from functools import partial
 from logging import INFO
 
 import numpy as np
@@ -27,6 +28,7 @@ from fedrad.common.nomogram import axis_ranges, build_nomogram
 from fedrad.common.penalised import Penalty, PathSummary, combine_path_summary, path_choice, run_path
 from fedrad.common.study import SELECTED, Features, Model, Study, select_features
 from fedrad.server.federation import Federation, StageFailed, StageTraffic
+from fedrad.server.shared_rounds import SharedRounds
 
 MAX_NEWTON_ROUNDS = 50
 #: a model (or a univariate candidate) that cannot be fitted
@@ -40,18 +42,35 @@ class _SiteDropped(Exception):
 
 def run_fit(fed: Federation, study: Study, census: dict, harmonise: dict | None, select: dict | None = None,
             out_dir=None) -> dict:
-    """Fit the study's models in order; a later model may use an earlier one's score or independent factors."""
+    """Fit the study's models; models that do not use each other share round trips (server/shared_rounds.py),
+    and a model that uses an earlier one's score or independent factors waits for it."""
     traffic = StageTraffic()
     models: dict[str, dict] = {}
     selected = select["selected"] if select else []
-    for model in study.models:
-        models[model.name] = fit_model(fed, study, census, harmonise, model, traffic, selected, models)
-        if model.nomogram and out_dir is not None:
-            from fedrad.server.nomogram_plot import plot_nomogram  # matplotlib only when a nomogram is asked for
+    for wave in independent_waves(study.models):
+        fits = {model.name: partial(fit_model, study=study, census=census, harmonise=harmonise, model=model,
+                                    selected=selected, fitted=dict(models)) for model in wave}
+        if len(wave) > 1:
+            log(INFO, "fit: %s fitted together, sharing round trips", ", ".join(fits))
+        models.update(SharedRounds(fed, "fit", traffic).run(fits))
+        for model in wave:
+            if model.nomogram and out_dir is not None:
+                from fedrad.server.nomogram_plot import plot_nomogram  # matplotlib only when a nomogram is asked for
 
-            path = plot_nomogram(models[model.name], model.name, study.outcome.horizons, out_dir)
-            models[model.name]["nomogram"]["plot"] = str(path)
-    return {"models": models, "traffic": traffic.summary()}
+                path = plot_nomogram(models[model.name], model.name, study.outcome.horizons, out_dir)
+                models[model.name]["nomogram"]["plot"] = str(path)
+    return {"models": {m.name: models[m.name] for m in study.models}, "traffic": traffic.summary()}
+
+
+def independent_waves(models) -> list[list[Model]]:
+    """The models in groups that can be fitted together: each after every earlier model it uses
+    (a score, or "@model" independent factors), in the study's order within a group."""
+    wave_of: dict[str, int] = {}
+    for model in models:
+        uses = [name for name in model.scores if name in wave_of]
+        uses += [entry[1:] for entry in model.clinical if entry.startswith("@") and entry[1:] in wave_of]
+        wave_of[model.name] = 1 + max((wave_of[name] for name in uses), default=-1)
+    return [[m for m in models if wave_of[m.name] == w] for w in range(max(wave_of.values(), default=-1) + 1)]
 
 
 def data_mode(harmonise: dict | None) -> str:
@@ -102,15 +121,15 @@ def model_plan(study: Study, census: dict, harmonise: dict | None, model: Model,
     }
 
 
-def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | None, model: Model,
-              traffic: StageTraffic, selected: list[str], fitted: dict[str, dict]) -> dict:
+def fit_model(fed: Federation, *, study: Study, census: dict, harmonise: dict | None, model: Model,
+              selected: list[str], fitted: dict[str, dict]) -> dict:
     sites = study_sites(census, harmonise, fed, study)
     left_out: dict[str, str] = {}
     while True:
         if len(sites) < study.federation.min_sites:
             raise StageFailed(f"fit: model '{model.name}': {len(sites)} site(s) left, the study needs min_sites="
                               f"{study.federation.min_sites}; " + "; ".join(f"{s}: {r}" for s, r in left_out.items()))
-        model_traffic = StageTraffic()
+        model_traffic = StageTraffic()  # this model's share: the round trips it took part in
         try:
             plan = model_plan(study, census, harmonise, model,
                               model.cv_folds if model.penalty == "elasticnet" else 0, selected, fitted)
@@ -123,13 +142,6 @@ def fit_model(fed: Federation, study: Study, census: dict, harmonise: dict | Non
             left_out.update(dropped.failures)
             sites = [s for s in sites if s not in dropped.failures]
             log(INFO, "fit: model '%s': restarting without %s", model.name, ", ".join(dropped.failures))
-        finally:
-            for counter, total in ((model_traffic.bytes_out, traffic.bytes_out),
-                                   (model_traffic.bytes_in, traffic.bytes_in)):
-                for s, b in counter.items():
-                    total[s] = total.get(s, 0) + b
-            traffic.rounds += model_traffic.rounds
-            traffic.seconds += model_traffic.seconds
     result.update(sites=sites, left_out=left_out, rounds=model_traffic.rounds,
                   seconds=round(model_traffic.seconds, 2), bytes_up_per_site=dict(model_traffic.bytes_in),
                   bytes_down_per_site=dict(model_traffic.bytes_out))

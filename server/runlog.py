@@ -40,7 +40,8 @@ class RunLog:
         self.path = Path(path)
         self.run_id = str(run_id)  # Flower ids are unsigned 64-bit: beyond SQLite's INTEGER
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        # shared by fits that run in threads (server/shared_rounds.py): SQLite here is serialized (threadsafety 3)
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 

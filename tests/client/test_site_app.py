@@ -218,3 +218,25 @@ def test_a_store_changed_after_the_census_refuses_the_later_stages(tmp_path):
     # another run's census takes the new store
     other = Context(run_id=8, node_id=3, node_config=context.node_config, state=RecordDict(), run_config={})
     assert not app(_census_message(), other).has_error()
+
+
+def test_a_batch_is_answered_part_by_part_each_guarded_and_ledgered(store):
+    """Independent fits share a message (server/shared_rounds.py); the site answers each part as if it
+    had come alone: a refused part is that part's error, the others still answer, each is on the ledger."""
+    from fedrad.common.messages import BATCH, TRAIN_CNN, make_batch, split_batch_reply
+
+    plan = {"study": parse_study({}).model_dump(mode="json")}
+    census = request(plan)
+    no_arrays = request(plan)  # a combat_residuals request must carry arrays
+    before = len(read_ledger(store))
+    parts = {"0": (CENSUS, census), "1": ("query.combat_residuals", no_arrays), "2": (TRAIN_CNN, request(plan))}
+    reply = app(Message(make_batch(parts), dst_node_id=3, message_type=BATCH), _context(store))
+    assert not reply.has_error()
+    answers = split_batch_reply(reply.content, ["0", "1", "2"])
+    alone = app(Message(request(plan), dst_node_id=3, message_type=CENSUS), _context(store))
+    assert answers["0"]["counts"]["cases"] == alone.content["counts"]["cases"] == 24
+    assert answers["1"][0] == SITE_FAILED and "carries no arrays" in answers["1"][1]
+    assert "cannot carry train.cnn" in answers["2"][1]  # weights never travel in a batch
+    ledger = read_ledger(store).iloc[before:]
+    assert list(ledger["message_type"]) == [CENSUS, "query.combat_residuals", CENSUS]  # the batch itself: never
+    assert list(ledger["status"]) == ["sent", "refused", "sent"]

@@ -79,11 +79,11 @@ def fitted(tmp_path_factory):
     with LocalFederation(root / "flower", stores, echo=print, allow_event_times=True) as fed:
         results = fed.run_study(write_study(root / "study.toml", STUDY), root / "run")
     assert results["status"] == "completed", results.get("error")
-    return table, results["models"], results["select"]
+    return table, results["models"], results["select"], (stores, results["stages"]["fit"]["rounds"])
 
 
 def test_stratified_cox_equals_lifelines(fitted):
-    table, models, _ = fitted
+    table, models, *_ = fitted
     frame = table[COX + ["age", "time", "event", "site"]]
     ref = CoxPHFitter().fit(frame, "time", "event", strata=["site"],
                             fit_options={"precision": 1e-12, "r_precision": 1e-14})
@@ -100,7 +100,7 @@ def test_stratified_cox_equals_lifelines(fitted):
 def test_unstratified_cox_with_shared_event_times_equals_sksurv(fitted):
     """Reference: scikit-survival (Efron, tol 1e-14). On these raw-scale features lifelines stops with a
     gradient of 2.6e-5 (its coefficients then differ by 1.1e-6 relative); sksurv and fedrad reach ~1e-11."""
-    table, models, _ = fitted
+    table, models, *_ = fitted
     y = Surv.from_arrays(table["event"].astype(bool), table["time"])
     ref = CoxPHSurvivalAnalysis(ties="efron", tol=1e-14, n_iter=1000).fit(table[COX + ["age"]], y)
     got = models["rad_cox_unstratified"]
@@ -111,7 +111,7 @@ def test_unstratified_cox_with_shared_event_times_equals_sksurv(fitted):
 
 
 def test_logistic_equals_sklearn(fitted):
-    table, models, _ = fitted
+    table, models, *_ = fitted
     X = table[["original_firstorder_F01", "age"]].to_numpy()
     ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=100_000, solver="newton-cg").fit(X, table["event"])
     got = models["clin_logit"]["coefficients"]
@@ -120,7 +120,7 @@ def test_logistic_equals_sklearn(fitted):
 
 
 def test_lasso_path_with_site_local_cv_equals_in_process_reference(fitted):
-    table, models, _ = fitted
+    table, models, *_ = fitted
     got = models["rad_lasso"]
     columns = [c for c in table.columns if c.startswith("original_firstorder_F0")]
     y = Surv.from_arrays(table["event"].astype(bool), table["time"])
@@ -133,7 +133,7 @@ def test_lasso_path_with_site_local_cv_equals_in_process_reference(fitted):
 
 
 def test_select_equals_pooled_screen_correlation_and_mrmr(fitted):
-    table, models, select = fitted
+    table, models, select, _ = fitted
     columns = [f"original_firstorder_F0{j}" for j in range(10)]
     groups = [table[table["site"] == s] for s in ("siteA", "siteB", "siteC")]
     screen = update_cox_screen(combine_cox_screen([
@@ -147,3 +147,16 @@ def test_select_equals_pooled_screen_correlation_and_mrmr(fitted):
                             strata=["site"], fit_options={"precision": 1e-12, "r_precision": 1e-14})
     got = models["selected_cox"]["coefficients"]
     np.testing.assert_allclose([got[f"table__{columns[i]}"] for i in expected], ref.params_.to_numpy(), rtol=1e-6)
+
+
+def test_independent_models_share_every_round_trip_and_each_part_is_ledgered(fitted):
+    """The five models use none of each other, so they are fitted together (server/shared_rounds.py): the
+    stage takes as many round trips as its longest model, each site answering every part on its own."""
+    from fedrad.client.ledger import read_ledger
+
+    _, models, _, (stores, stage_rounds) = fitted
+    rounds = {name: m["rounds"] for name, m in models.items()}
+    assert len(rounds) == 5 and stage_rounds == max(rounds.values()) < sum(rounds.values())
+    fit = read_ledger(stores["siteA"]).query("stage == 'fit'")
+    assert (fit["status"] == "sent").all() and len(fit) == sum(rounds.values())  # one ledger line per part
+    assert set(fit["message_type"]) == {"query.model_summaries", "query.cox_event_times", "query.cox_risk_sets"}

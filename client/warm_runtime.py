@@ -37,7 +37,7 @@ from fedrad.client.flower_process import flower_bin
 RUNTIMES = ("warm", "stock")
 #: what the fork server imports before it forks: the ClientApp and the maths its handlers use, never torch.
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "fedrad.client.site_app", "fedrad.common.survival_metrics",
-           "fedrad.common.logistic", "pyarrow.parquet")
+           "fedrad.common.logistic", "pyarrow.parquet", "httpx", "httpcore")  # httpcore: each task's first request
 #: (module, attribute) of flwr 1.41 that this module patches or reuses.
 FLOWER_INTERNALS = (
     ("flwr.supercore.superexec.run_superexec", "get_executor"),
@@ -46,8 +46,16 @@ FLOWER_INTERNALS = (
     ("flwr.supernode.start_client_internal", "time"),
     ("flwr.supernode.cli.flower_supernode", "flower_supernode"),
     ("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp"),
+    ("flwr.supercore.inflatable.inflatable_utils", "pull_and_inflate_object_from_tree"),
+    ("flwr.supercore.inflatable.inflatable_utils", "pull_objects"),
 )
 NODE_POLL_ENV, REPLY_POLL_ENV = "FEDRAD_NODE_POLL_S", "FEDRAD_REPLY_POLL_S"
+#: Flower's first wait (s) when a task asks its SuperNode for a message whose objects have not arrived yet, and
+#: fedrad's. The SuperNode queues the message before it pulls the objects, so a task forked at once always
+#: waits: 1-3 s per message with Flower's backoff (1 s, doubling, capped at 10), measured with cProfile.
+FLOWER_OBJECT_BACKOFF_S, OBJECT_BACKOFF_S, OBJECT_BACKOFF_CAP_S = 1, 0.02, 0.5
+#: a folder: each forked task writes its cProfile there (task-<pid>.prof)
+PROFILE_ENV = "FEDRAD_PROFILE_DIR"
 #: Flower's hard-coded sleeps in supernode/start_client_internal.py (empty pull, waiting for a reply).
 FLOWER_NODE_SLEEP_S, FLOWER_REPLY_SLEEP_S = 3, 0.5
 
@@ -66,6 +74,7 @@ def serve_forks(requests=None) -> None:
     requests = requests or sys.stdin
     for name in PRELOAD:
         importlib.import_module(name)
+    short_object_backoff()
     if "torch" in sys.modules:  # a preloaded module pulled it in: forking would copy its thread pools
         raise RuntimeError("the fork server imported torch; forked ClientApps would share its OpenMP state")
     signal.signal(signal.SIGCHLD, lambda *_: _reap())
@@ -75,6 +84,18 @@ def serve_forks(requests=None) -> None:
         if line.strip():
             _fork_clientapp(json.loads(line))
     _reap()
+
+
+def short_object_backoff() -> None:
+    """Pull a message's objects retrying every 20 ms, then up to every 0.5 s, rather than after 1 s, 2 s,
+    4 s...; the same patience in all (Flower's 2 h limit), no tries limit. For a task (its SuperNode's
+    message), the SuperNode (the SuperLink's) and the ServerApp (the sites' replies): each side marks a
+    message as there before its objects are."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for function in (inflatable_utils.pull_and_inflate_object_from_tree, inflatable_utils.pull_objects):
+        function.__kwdefaults__.update(initial_backoff=OBJECT_BACKOFF_S, backoff_cap=OBJECT_BACKOFF_CAP_S,
+                                       max_tries_per_object=None)
 
 
 def _reap() -> None:
@@ -98,7 +119,14 @@ def _fork_clientapp(argv: list[str]) -> None:
         from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
         sys.argv = ["flwr-clientapp", *argv]
-        flwr_clientapp()
+        profile_dir = os.environ.get(PROFILE_ENV)
+        if profile_dir:  # where a task's time goes (bench/scale.py --profile); off unless asked for
+            import cProfile
+
+            cProfile.runctx("flwr_clientapp()", globals(), {"flwr_clientapp": flwr_clientapp},
+                            os.path.join(profile_dir, f"task-{os.getpid()}.prof"))
+        else:
+            flwr_clientapp()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -235,6 +263,7 @@ def supernode_main() -> None:
 
     start_client_internal.time = _ShortSleeps(float(os.environ.get(NODE_POLL_ENV, 0.2)),
                                               float(os.environ.get(REPLY_POLL_ENV, 0.05)))
+    short_object_backoff()
     flower_supernode()
 
 

@@ -24,8 +24,8 @@ from fedrad.common.errors import FedradError
 from fedrad.common.messages import PRIVACY_REFUSED, SITE_FAILED, payload_bytes
 from fedrad.server.runlog import RunLog
 
-#: seconds between pulls for replies (Flower's own loop sleeps 3 s).
-PULL_INTERVAL_S = 0.5
+#: seconds between pulls for replies (Flower's own loop sleeps 3 s): one small HTTP request to the SuperLink
+PULL_INTERVAL_S = 0.1
 
 
 class StageFailed(FedradError):

@@ -53,6 +53,23 @@ def test_the_supernode_loop_still_sleeps_the_seconds_the_runtime_shortens():
     assert short.monotonic is time.monotonic  # everything else is the real time module
 
 
+def test_a_task_pulls_its_message_with_the_short_backoff_and_flowers_default_is_what_was_measured():
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode.runtime import run_clientapp
+
+    function = inflatable_utils.pull_and_inflate_object_from_tree
+    assert run_clientapp.pull_and_inflate_object_from_tree is function  # the task's call goes through it
+    assert "pull_and_inflate_object_from_tree(" in inspect.getsource(run_clientapp.pull_task_input)
+    before = dict(function.__kwdefaults__)
+    assert before["initial_backoff"] == warm.FLOWER_OBJECT_BACKOFF_S
+    try:
+        warm.short_object_backoff()
+        assert function.__kwdefaults__["initial_backoff"] == warm.OBJECT_BACKOFF_S
+        assert function.__kwdefaults__["max_tries_per_object"] is None and function.__kwdefaults__["max_time"] == 7200
+    finally:
+        function.__kwdefaults__.update(before)
+
+
 def test_a_forked_task_gets_exactly_the_arguments_flowers_own_executor_gives_flwr_clientapp(monkeypatch):
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import ExecutionSpec

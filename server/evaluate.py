@@ -18,6 +18,8 @@ each site). Time-dependent AUC and Brier scores need every row and are per site;
 
 from __future__ import annotations
 
+import copy
+
 from logging import INFO
 
 import numpy as np
@@ -35,6 +37,7 @@ from fedrad.common.messages import EVALUATE_CALIBRATION, EVALUATE_METRICS, EVALU
 from fedrad.common.newton import NewtonSummary, combine_newton, run_newton, start_newton
 from fedrad.common.study import Study
 from fedrad.common.survival_curves import RiskTable, combine_risk_tables, kaplan_meier
+from fedrad.server.shared_rounds import SharedRounds
 from fedrad.server.federation import Federation, StageFailed, StageTraffic
 from fedrad.server.fit import data_mode, study_sites
 
@@ -98,16 +101,30 @@ def run_evaluate(fed: Federation, study: Study, census: dict, harmonise: dict | 
             "delong_groups": _delong_groups(entries)}
 
     failures: dict[str, str] = {}
-    counts = _ask(fed, traffic, training, EVALUATE_THRESHOLDS, plan, failures)
-    if len(counts) < study.federation.min_sites:
-        raise StageFailed(f"evaluate: {len(counts)} training site(s) answered, the study needs "
-                          f"min_sites={study.federation.min_sites}")
-    for entry in entries:
-        entry["cutoff"], entry["edges"] = _cutoff_and_edges(entry["name"], list(counts.values()), study)
-    parts = _ask(fed, traffic, training + validation, EVALUATE_METRICS, plan, failures)
+    expected = {"pooled": list(training), "pooled_validation": list(validation)}
+
+    def thresholds_then_metrics(view) -> dict[str, dict]:
+        counts = _ask(view, StageTraffic(), training, EVALUATE_THRESHOLDS, plan, failures)
+        if len(counts) < study.federation.min_sites:
+            raise StageFailed(f"evaluate: {len(counts)} training site(s) answered, the study needs "
+                              f"min_sites={study.federation.min_sites}")
+        for entry in entries:
+            entry["cutoff"], entry["edges"] = _cutoff_and_edges(entry["name"], list(counts.values()), study)
+        return _ask(view, StageTraffic(), training + validation, EVALUATE_METRICS, plan, failures)
+
+    # the calibration slopes need only the models' risks: their Newton rounds share the metrics' round trips
+    calibration_plan = copy.deepcopy(plan)
+    calibration_failures: dict[str, str] = {}
+    together = SharedRounds(fed, "evaluate", traffic).run({
+        "metrics": thresholds_then_metrics,
+        "calibration": lambda view: _calibration_slopes(view, StageTraffic(), calibration_plan, expected,
+                                                        calibration_failures)})
+    parts = together["metrics"]
     evaluation = {site: site_metrics(plan, part, site in validation) for site, part in parts.items()}
     groups = {"pooled": [s for s in training if s in parts], "pooled_validation": [s for s in validation if s in parts]}
-    slopes = _calibration_slopes(fed, traffic, plan, groups, failures)
+    slopes = together["calibration"]
+    if groups != expected or calibration_failures:  # a site missed a round: the slopes over the sites that answered
+        slopes = _calibration_slopes(fed, traffic, plan, groups, failures)
     for label, sites in groups.items():
         if sites:
             evaluation[label] = _pooled_metrics(plan, [parts[s] for s in sites], sites, slopes[label])

@@ -8,7 +8,8 @@ Round trips (each one message per site):
 4. ``query.zscore_apply``     sites z-score with the pooled mean/SD (skipped when zscore = false)
 5. ``query.combat_validate``  validation sites harmonise themselves to the finished reference
                               (their own batch effects, estimated locally; they send nothing back
-                              but a count) — only when the study names validation sites
+                              but a count) — only when the study names validation sites, and in
+                              the same round trip as 4 (server/shared_rounds.py)
 
 ComBat itself takes 3. A site that fails mid-stage is dropped and the stage restarts
 without it (a pooled fit that includes a site which then vanished would not equal ComBat
@@ -32,6 +33,7 @@ from fedrad.common.messages import (COMBAT_ADJUST, COMBAT_MOMENTS, COMBAT_RESIDU
 from fedrad.common.study import SITE_BATCH, Study
 from fedrad.common.zscore import ZMoments, combine_zscore_moments, update_zscore
 from fedrad.server.federation import Federation, StageFailed, StageTraffic
+from fedrad.server.shared_rounds import SharedRounds
 
 REFERENCE_NPZ = "harmonisation.npz"
 REFERENCE_JSON = "harmonisation.json"
@@ -83,7 +85,6 @@ def run_harmonise(fed: Federation, study: Study, census: dict, reference_dir: Pa
             excluded.update(dropped.failures)
             sites = [s for s in sites if s not in dropped.failures]
             log(INFO, "harmonise: restarting without %s", ", ".join(dropped.failures))
-    result["validation"] = _harmonise_validation_sites(fed, study, census, traffic, result)
     result.update(sites=sites, left_out=excluded, restarts=attempts, traffic=traffic.summary(),
                   round_trips=traffic.rounds)
     return result
@@ -153,6 +154,7 @@ def _harmonise_once(fed, study, census, sites, traffic, reference_dir) -> dict:
         "eb_iterations": dict(zip(spec.batch_levels, estimates.eb_iterations)) if estimates.eb_iterations else {},
     }
     reference = combat_reference
+    zscore_request = None
     if h.zscore:
         z = combine_zscore_moments([ZMoments(int(adjusted.replies[s]["counts"]["n"]), p["mean"], p["m2"])
                                     for s, p in zparts.items()])
@@ -162,13 +164,19 @@ def _harmonise_once(fed, study, census, sites, traffic, reference_dir) -> dict:
             raise StageFailed(f"harmonise: z-scoring: {exc}") from None
         reference_arrays.update(z_mean=scale.mean, z_sd=scale.sd)
         reference = _digest(reference_arrays, design, features)
-        _ask(fed, traffic, 4, ZSCORE_APPLY, sites,
-             {**plan, "combat_reference": combat_reference, "reference": reference}, mean=scale.mean, sd=scale.sd)
+        zscore_request = {**plan, "combat_reference": combat_reference, "reference": reference}, \
+            {"mean": scale.mean, "sd": scale.sd}
     result["reference"] = reference
     result["reference_dir"] = str(reference_dir)
     _save_reference(reference_dir, reference, reference_arrays, design, features, h.model_dump(mode="json"))
     log(INFO, "harmonise: %d batch level(s) over %d site(s), %d features; reference %s", len(spec.batch_levels),
         len(sites), len(features), reference[:12])
+    # the training sites z-score and the validation sites harmonise themselves in the same round trip
+    last = {"validation": lambda view: _harmonise_validation_sites(view, study, census, StageTraffic(), result)}
+    if zscore_request:
+        last["zscore"] = lambda view: _ask(view, StageTraffic(), 4, ZSCORE_APPLY, sites, zscore_request[0],
+                                           **zscore_request[1])
+    result["validation"] = SharedRounds(fed, "harmonise", traffic).run(last)["validation"]
     return result
 
 

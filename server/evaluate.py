@@ -284,7 +284,9 @@ def _calibration_slopes(fed, traffic, plan, groups, failures) -> dict[str, dict[
         return update_logistic_newton(state, total, names=["intercept", "slope"])
 
     states, errors = run_newton(
-        evaluate, {(label, i): start_newton(2) for label in labels for i in range(len(names))}, step,
+        # from (0, 1), a calibrated model's line: the same maximum (the log-likelihood is concave), fewer rounds
+        evaluate, {(label, i): start_newton(2, np.array([0.0, 1.0])) for label in labels for i in range(len(names))},
+        step,
         max_iter=None, max_rounds=CALIBRATION_ROUNDS, failures=(FedradError, np.linalg.LinAlgError),
         message=lambda key, *_: f"evaluate: calibration slope of '{names[key[1]]}' ({key[0]}): Newton did not "
                                 f"converge in {CALIBRATION_ROUNDS} rounds")

@@ -272,6 +272,8 @@ class Federation(_Section):
     expected_sites: int = Field(0, ge=0, description="wait for this many sites before starting (0: min_sites)")
     wait_for_sites_s: float = Field(120, gt=0)
     round_timeout_s: float = Field(900, gt=0, description="longest wait for one round's replies")
+    resend_after_s: float = Field(120, gt=0, description="ask a site that has not answered a query again after "
+                                                        "this long (at most twice; its reply may have been lost)")
 
 
 class Study(_Section):

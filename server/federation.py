@@ -5,6 +5,14 @@ message is pushed, its id kept, and each reply or error mapped back to the site 
 ``reply_to_message_id`` (a dead node's error comes from the SuperLink, node id 1, so the
 sender is useless). A site that is offline, errors, refuses or stays silent past the
 timeout is a named failure; the caller decides whether enough sites answered.
+
+A reply can be lost without an error: a SuperNode that cannot write it to a busy SuperLink
+("database is locked") drops it, a task whose runtime died before it started never answers.
+So a query a site has not answered after ``resend_after_s`` is sent to it again (at most
+twice), and the first reply to any copy is taken. Queries are safe to repeat: a site's answer
+is a deterministic function of its store and the request, so a second answer discloses
+nothing new (both are on its ledger). Training messages are never repeated (a DP-SGD round
+spends privacy budget).
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from flwr.serverapp import Grid
 from fedrad.common.errors import FedradError
 from fedrad.common.messages import PRIVACY_REFUSED, SITE_FAILED, payload_bytes
 from fedrad.server.runlog import RunLog
+
+#: copies of an unanswered query sent after the first
+MAX_RESENDS = 2
 
 #: seconds between pulls for replies (Flower's own loop sleeps 3 s): one small HTTP request to the SuperLink
 PULL_INTERVAL_S = 0.1
@@ -58,10 +69,11 @@ class StageTraffic:
 class Federation:
     """The grid, the run log, and which node is which site (filled in by the census)."""
 
-    def __init__(self, grid: Grid, runlog: RunLog, timeout_s: float):
+    def __init__(self, grid: Grid, runlog: RunLog, timeout_s: float, resend_after_s: float | None = None):
         self.grid = grid
         self.runlog = runlog
         self.timeout_s = timeout_s
+        self.resend_after_s = resend_after_s
         self.sites: dict[str, int] = {}
         #: each accepted site's features.parquet hash at the census: a site that rejoins must bring the same store
         self.store_hashes: dict[str, str] = {}
@@ -104,11 +116,14 @@ class Federation:
         refused_by_site: set[str] = set()
         received: dict[str, tuple[int, float]] = {}
         deadline = time.monotonic() + self.timeout_s
+        resends = _Resends(self.resend_after_s if message_type.startswith("query") else None)
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 label = pending.pop(reply.metadata.reply_to_message_id, None)
                 if label is None:
                     continue
+                for mid in [m for m, other in pending.items() if other == label]:  # copies still out there
+                    del pending[mid]
                 if reply.has_error():
                     failures[label] = _reason(reply)
                     if reply.error.code in (PRIVACY_REFUSED, SITE_FAILED):
@@ -117,10 +132,20 @@ class Federation:
                 else:
                     replies[label] = reply.content
                     received[label] = (len(payload_bytes(reply.content)), time.time() - started)
+            if pending and resends.due():
+                silent = sorted(set(pending.values()))
+                copies = [Message(requests[label], dst_node_id=targets[label], message_type=message_type,
+                                  group_id=f"{stage}-{round_no}") for label in silent]
+                for mid, label in zip(self.grid.push_messages(copies), silent):
+                    if mid:
+                        pending[mid] = label
+                log(WARNING, "%s round %d: no reply yet from %s after %.0f s: asked again", stage, round_no,
+                    ", ".join(silent), time.time() - started)
             if pending:
                 time.sleep(PULL_INTERVAL_S)
-        for label in pending.values():
-            failures[label] = f"no reply within {self.timeout_s:.0f} s"
+        for label in set(pending.values()):
+            failures[label] = f"no reply within {self.timeout_s:.0f} s" + (
+                f" (asked {resends.sent + 1} times)" if resends.sent else "")
         seconds = time.time() - started
         for label in requests:
             status = "answered" if label in replies else "failed"
@@ -139,6 +164,21 @@ class Federation:
         for label, reason in failures.items():
             log(WARNING, "%s round %d: %s failed: %s", stage, round_no, label, reason)
         return RoundOutcome(replies=replies, failures=failures, seconds=seconds, refused_by_site=refused_by_site)
+
+
+class _Resends:
+    """When an unanswered query is due to be sent again: every ``after_s`` seconds, ``MAX_RESENDS`` times."""
+
+    def __init__(self, after_s: float | None):
+        self.after_s, self.sent = after_s, 0
+        self._next = time.monotonic() + after_s if after_s else float("inf")
+
+    def due(self) -> bool:
+        if self.sent >= MAX_RESENDS or time.monotonic() < self._next:
+            return False
+        self.sent += 1
+        self._next = time.monotonic() + self.after_s
+        return True
 
 
 def _reason(reply: Message) -> str:

@@ -59,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         study = load_study(run_dir / STUDY)
         results["study"] = study.study.name
         runlog.start_run(study.study.name)
-        fed = Federation(grid, runlog, timeout_s=study.federation.round_timeout_s)
+        fed = Federation(grid, runlog, timeout_s=study.federation.round_timeout_s,
+                         resend_after_s=study.federation.resend_after_s)
         expected = int(context.run_config.get("expected-sites", 0)) or study.federation.expected_sites \
             or study.federation.min_sites
         nodes = fed.wait_for_nodes(expected, study.federation.wait_for_sites_s)

@@ -166,6 +166,38 @@ def test_a_site_whose_warm_processes_die_mid_stage_carries_on_and_the_stock_runt
     assert np.abs(stock_harmonised - warm_harmonised).max() <= 1e-9  # the same sums, added in reply order
 
 
+def test_a_site_silent_past_resend_after_s_is_asked_again_answers_twice_and_the_study_is_unchanged(cohort):
+    """A SuperNode frozen mid-round (SIGSTOP) stands for a reply lost on its way: the coordinator asks
+    again after resend_after_s; the site, thawed, answers both copies identically (both on its ledger),
+    the first is taken, and the harmonised rows still equal neuroCombat."""
+    from fedrad.client.ledger import read_ledger
+
+    root, table, stores = cohort
+    study = write_study(root / "resend.toml", STUDY + "[federation]\nresend_after_s = 4\n")
+    with LocalFederation(root / "resend-fed", stores, echo=print) as fed:
+        node = fed.processes["site-siteA"].pid
+
+        def freeze_then_thaw():
+            os.kill(node, signal.SIGSTOP)
+            time.sleep(6)  # past resend_after_s, before a second copy would go
+            os.kill(node, signal.SIGCONT)
+
+        watcher = _when_stage_runs(root / "resend-run", "harmonise", 1, freeze_then_thaw)  # round 1 or 2 waits
+        results = fed.run_study(study, root / "resend-run")
+        watcher.join(10)
+    assert results["status"] == "completed", results.get("error")
+    assert sorted(results["harmonise"]["sites"]) == ["siteA", "siteB", "siteC"]
+    ledgers = {site: (lambda t: t[t["run"] == results["run_id"]])(read_ledger(stores[site])) for site in stores}
+    counts = {site: ledger["message_type"].value_counts() for site, ledger in ledgers.items()}
+    frozen = [t for t in counts["siteA"].index if counts["siteA"][t] == 2]
+    assert len(frozen) == 1 and frozen[0].startswith("query.combat"), counts["siteA"]  # the round it froze in
+    assert all((c == 1).all() for site, c in counts.items() if site != "siteA")
+    twice = ledgers["siteA"][ledgers["siteA"]["message_type"] == frozen[0]]
+    assert twice["sha256"].nunique() == 1  # the same answer, byte for byte
+    harmonised = aligned(read_site_outputs(stores, "harmonised.parquet"), table["patient_id"], STORE_FEATURES)
+    assert np.abs(harmonised - _expected(table)).max() <= 1e-8
+
+
 def test_site_join_supervises_its_superexec_and_stops_both(cohort, tmp_path):
     _, _, stores = cohort
     from fedrad.server.local import free_port

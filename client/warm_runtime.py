@@ -54,6 +54,8 @@ NODE_POLL_ENV, REPLY_POLL_ENV = "FEDRAD_NODE_POLL_S", "FEDRAD_REPLY_POLL_S"
 #: fedrad's. The SuperNode queues the message before it pulls the objects, so a task forked at once always
 #: waits: 1-3 s per message with Flower's backoff (1 s, doubling, capped at 10), measured with cProfile.
 FLOWER_OBJECT_BACKOFF_S, OBJECT_BACKOFF_S, OBJECT_BACKOFF_CAP_S = 1, 0.02, 0.5
+#: seconds a fork server may take to say it forked a task before it is taken for stuck and replaced
+FORK_ACK_S = 30.0
 #: a folder: each forked task writes its cProfile there (task-<pid>.prof)
 PROFILE_ENV = "FEDRAD_PROFILE_DIR"
 #: Flower's hard-coded sleeps in supernode/start_client_internal.py (empty pull, waiting for a reply).
@@ -67,8 +69,9 @@ def _log(text: str) -> None:
 # --- the fork server (a child interpreter of fedrad-superexec) ----------------------------------------------
 
 def serve_forks(requests=None) -> None:
-    """Read one JSON argument list per line; fork a ``flwr-clientapp`` with it for each. Ends at EOF (the
-    SuperExec that feeds it has gone)."""
+    """Read one JSON argument list per line; fork a ``flwr-clientapp`` with it for each and say so ("forked
+    PID" on stdout: the SuperExec waits for it, so a request never vanishes with a dying server). Ends at
+    EOF (the SuperExec that feeds it has gone)."""
     import importlib
 
     requests = requests or sys.stdin
@@ -78,11 +81,12 @@ def serve_forks(requests=None) -> None:
     if "torch" in sys.modules:  # a preloaded module pulled it in: forking would copy its thread pools
         raise RuntimeError("the fork server imported torch; forked ClientApps would share its OpenMP state")
     signal.signal(signal.SIGCHLD, lambda *_: _reap())
-    print("ready", flush=True)
+    acks = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    print("ready", file=acks, flush=True)
     os.dup2(2, 1)  # tasks print to the SuperExec's stderr (its log), never into a pipe nobody reads
     for line in requests:
         if line.strip():
-            _fork_clientapp(json.loads(line))
+            print(f"forked {_fork_clientapp(json.loads(line), acks.fileno())}", file=acks, flush=True)
     _reap()
 
 
@@ -108,11 +112,13 @@ def _reap() -> None:
             return
 
 
-def _fork_clientapp(argv: list[str]) -> None:
-    if os.fork():
-        return
+def _fork_clientapp(argv: list[str], acks_fd: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
     code = 1
     try:
+        os.close(acks_fd)  # only the server acknowledges
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(0)
         os.open(os.devnull, os.O_RDONLY)  # the task must not read the server's request pipe
@@ -120,7 +126,7 @@ def _fork_clientapp(argv: list[str]) -> None:
 
         sys.argv = ["flwr-clientapp", *argv]
         profile_dir = os.environ.get(PROFILE_ENV)
-        if profile_dir:  # where a task's time goes (bench/scale.py --profile); off unless asked for
+        if profile_dir:  # where a task's time goes (FEDRAD_PROFILE_DIR=folder); off unless asked for
             import cProfile
 
             cProfile.runctx("flwr_clientapp()", globals(), {"flwr_clientapp": flwr_clientapp},
@@ -158,7 +164,9 @@ class ForkServer:
     def pid(self) -> int:
         return self._process.pid
 
-    def launch(self, argv: list[str]) -> None:
+    def launch(self, argv: list[str], attempts: int = 3) -> int:
+        """Fork a task; the server's "forked PID" says it happened. A server that died (or hangs) is restarted
+        and the same request given to the new one, so no task is lost with it."""
         if self._process.poll() is not None:
             self.restarts += 1
             _log(f"the fork server (pid {self._process.pid}) died with exit {self._process.returncode}; "
@@ -167,9 +175,26 @@ class ForkServer:
         try:
             self._process.stdin.write(json.dumps(argv) + "\n")
             self._process.stdin.flush()
+            ack = self._ack()
         except BrokenPipeError:
-            self._process.wait()
-            self.launch(argv)
+            ack = None
+        if ack is not None:
+            return ack
+        if self._process.poll() is None:  # alive but silent: stuck, never to fork this task
+            _log(f"the fork server (pid {self._process.pid}) did not fork a task within {FORK_ACK_S:g} s; "
+                 "stopping it")
+            self._process.kill()
+        self._process.wait()
+        if attempts <= 1:
+            raise RuntimeError("the fork server failed to fork the task three times")
+        return self.launch(argv, attempts - 1)
+
+    def _ack(self) -> int | None:
+        import select
+
+        ready, _, _ = select.select([self._process.stdout], [], [], FORK_ACK_S)
+        line = self._process.stdout.readline() if ready else ""
+        return int(line.split()[1]) if line.startswith("forked ") else None
 
     def close(self) -> None:
         if self._process.poll() is None:

@@ -34,6 +34,8 @@ from fedrad.server.runlog import RunLog
 
 #: copies of an unanswered query sent after the first
 MAX_RESENDS = 2
+#: pushes of the same messages before their sites count as not reached
+PUSH_ATTEMPTS = 3
 
 #: seconds between pulls for replies (Flower's own loop sleeps 3 s): one small HTTP request to the SuperLink
 PULL_INTERVAL_S = 0.1
@@ -91,6 +93,23 @@ class Federation:
             nodes = self.online()
         return nodes
 
+    def _push(self, messages: list[Message], stage: str, round_no: int) -> list[str | None]:
+        """Message ids (None where not accepted). A SuperLink under load can fail a push ("database is
+        locked", an object-push session that expired): the same messages are pushed again, three times in
+        all, before their sites count as not reached; the study itself never stops on it."""
+        for attempt in range(PUSH_ATTEMPTS):
+            if not messages:
+                return []
+            try:
+                return list(self.grid.push_messages(messages))
+            except _push_attempts() as exc:
+                log(WARNING, "%s round %d: the SuperLink failed a push (%s: %s); attempt %d of %d", stage, round_no,
+                    type(exc).__name__, str(exc)[:200], attempt + 1, PUSH_ATTEMPTS)
+                time.sleep(1.0 + attempt)
+                messages = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type,
+                                    group_id=m.metadata.group_id) for m in messages]
+        return [None] * len(messages)
+
     def ask(self, stage: str, round_no: int, message_type: str, requests: dict[str, RecordDict],
             targets: dict[str, int], traffic: StageTraffic | None = None) -> RoundOutcome:
         """Send ``requests[label]`` to node ``targets[label]``; wait for all answers (or the timeout)."""
@@ -106,7 +125,7 @@ class Federation:
                                     group_id=f"{stage}-{round_no}"))
             labels.append(label)
         sizes = {label: len(payload_bytes(requests[label])) for label in labels}
-        ids = list(self.grid.push_messages(messages)) if messages else []
+        ids = self._push(messages, stage, round_no)
         pending = {mid: label for mid, label in zip(ids, labels) if mid}
         for label in set(labels) - set(pending.values()):
             failures[label] = "the SuperLink did not accept the message"
@@ -136,7 +155,7 @@ class Federation:
                 silent = sorted(set(pending.values()))
                 copies = [Message(requests[label], dst_node_id=targets[label], message_type=message_type,
                                   group_id=f"{stage}-{round_no}") for label in silent]
-                for mid, label in zip(self.grid.push_messages(copies), silent):
+                for mid, label in zip(self._push(copies, stage, round_no), silent):
                     if mid:
                         pending[mid] = label
                 log(WARNING, "%s round %d: no reply yet from %s after %.0f s: asked again", stage, round_no,
@@ -179,6 +198,13 @@ class _Resends:
         self.sent += 1
         self._next = time.monotonic() + self.after_s
         return True
+
+
+def _push_attempts() -> tuple[type[BaseException], ...]:
+    import httpx
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+
+    return ObjectPushError, httpx.HTTPError
 
 
 def _reason(reply: Message) -> str:

@@ -22,7 +22,7 @@ from fedrad.common.logistic import (SeparationError, logistic_null_intercept, lo
 from fedrad.common.cox import RiskSetSums, combine_cox_event_times, combine_cox_risk_sets, cox_newton_from_risk_sets
 from fedrad.common.messages import COX_EVENT_TIMES, COX_RISK_SETS, MODEL_BASELINE, MODEL_SUMMARIES, record_arrays, request
 from fedrad.common.newton import (ConvergenceError, NewtonSummary, NoFiniteEstimateError, RankDeficientError,
-                                  fitted_point, newton_fit, run_newton, start_newton, stop_report, update_newton,
+                                  fitted_point, run_newton, start_newton, stop_report, update_newton,
                                   wald_table)
 from fedrad.common.nomogram import axis_ranges, build_nomogram
 from fedrad.common.penalised import Penalty, PathSummary, combine_path_summary, path_choice, run_path
@@ -151,14 +151,38 @@ def fit_model(fed: Federation, *, study: Study, census: dict, harmonise: dict | 
 
 
 def _evaluator(fed: Federation, sites: list[str], plan: dict, name: str, traffic: StageTraffic):
-    def evaluate(points: np.ndarray) -> dict[tuple[int, int], PathSummary]:
-        parts = _ask_all(fed, sites, traffic, MODEL_SUMMARIES, plan, points=points)
+    """``evaluate(points, also=None)``: the summed summaries at ``points``; with ``also`` (a message type and
+    its requests per site) that request travels in the same round trip and its replies come back too."""
+    def combined(parts) -> dict[tuple[int, int], PathSummary]:
         return {(f, u): combine_path_summary([PathSummary(
                     train=NewtonSummary(loglik=float(p["loglik"][f, u]), grad=p["grad"][f, u], hess=p["hess"][f, u],
                                         n=int(p["n_train"][f]), events=int(p["events"][f])),
                     heldout=float(p["heldout"][f, u])) for p in parts])
-                for f in range(points.shape[0]) for u in range(points.shape[1])}
+                for f in range(parts[0]["loglik"].shape[0]) for u in range(parts[0]["loglik"].shape[1])}
+
+    def evaluate(points: np.ndarray, also=None):
+        if also is None:
+            return combined(_ask_all(fed, sites, traffic, MODEL_SUMMARIES, plan, points=points))
+        targets = {s: fed.sites[s] for s in sites}
+        outcomes = fed.ask_many([(MODEL_SUMMARIES, {s: request(plan, points=points) for s in sites}, targets),
+                                 (also[0], also[1], targets)], traffic)
+        failures = {s: r for outcome in outcomes for s, r in outcome.failures.items()}
+        if failures:
+            raise _SiteDropped(failures)
+        parts, extra = ([record_arrays(o.replies[s]["arrays"]) for s in sites] for o in outcomes)
+        return combined(parts), extra
     return evaluate
+
+
+def _baseline_request(plan: dict, model: Model, columns: list[str], sites: list[str]):
+    """``beta -> (MODEL_BASELINE, requests)``: what :func:`_after_fit` asks at the fitted β, so that the last
+    Newton round (the evaluation at the returned β) can carry it; None when the model needs no baseline."""
+    horizons = plan["study"]["outcome"]["horizons"]
+    if not columns or model.share_event_times or not ((model.kind == "cox" and horizons) or model.nomogram):
+        return None
+    final = dict(plan, columns=columns, subsets=None)
+    return lambda beta: (MODEL_BASELINE, {s: request(final, beta=beta, horizons=np.asarray(horizons, float))
+                                          for s in sites})
 
 
 def _ask_all(fed, sites, traffic, message_type, plan, **arrays) -> list[dict]:
@@ -199,7 +223,8 @@ def _fit_once(fed, plan: dict, model: Model, sites, traffic) -> dict:
         if model.share_event_times:
             evaluate = _risk_set_evaluator(fed, sites, plan, model, traffic)
         if model.penalty == "none":
-            return _newton(evaluate, names, model, logistic, record=_newton_series(fed, model))
+            return _newton(evaluate, names, model, logistic, record=_newton_series(fed, model),
+                           last=_baseline_request(plan, model, plan["columns"], sites))
         return _elastic_net(evaluate, names, model, logistic, plan["cv_folds"])
     except _FIT_ERRORS as exc:
         raise StageFailed(f"fit: model '{model.name}': {exc}") from None
@@ -252,7 +277,7 @@ def _univariate_then_multivariable(fed, sites, plan: dict, model: Model, traffic
     subset = lead + [len(lead) + j for j in keep]
     names = (["intercept"] if logistic else []) + entered
     result = _newton(_evaluator(fed, sites, dict(plan, subsets=[subset]), model.name, traffic), names, model,
-                     logistic, record=_newton_series(fed, model))
+                     logistic, record=_newton_series(fed, model), last=_baseline_request(plan, model, entered, sites))
     result["independent"] = [r["covariate"] for r in result["table"]
                              if r["covariate"] != "intercept" and r["p"] < model.multivariable_p]
     result["columns"] = entered
@@ -277,15 +302,29 @@ def _newton_series(fed: Federation, model: Model):
     return record
 
 
-def _newton(evaluate, names, model: Model, logistic: bool, record=None) -> dict:
-    def step(state, total):
+def _newton(evaluate, names, model: Model, logistic: bool, record=None, last=None) -> dict:
+    """One Newton fit; ``last(beta)`` (see :func:`_baseline_request`) travels with the evaluation at the
+    returned β, its replies kept in ``result["_last"]`` for :func:`_after_fit`."""
+    def step(_, state, total):
         return _newton_step(state, total, names, model, logistic)
 
-    state = newton_fit(lambda beta: evaluate(beta[None, None, :])[(0, 0)].train, len(names), step=step,
-                       max_iter=MAX_NEWTON_ROUNDS,
-                       on_step=None if record is None else lambda state: record(len(state.history), state.history[-1]),
-                       message=lambda *_: f"fit: model '{model.name}': Newton did not converge in "
-                                          f"{MAX_NEWTON_ROUNDS} iterations")
+    kept = {}
+
+    def evaluate_all(states, active):
+        beta = states[0].beta
+        if states[0].converged and last is not None:  # the confirming evaluation
+            totals, kept["parts"] = evaluate(beta[None, None, :], also=last(beta))
+            kept["beta"] = beta
+        else:
+            totals = evaluate(beta[None, None, :])
+        return {0: totals[(0, 0)].train}
+
+    states, _ = run_newton(evaluate_all, {0: start_newton(len(names))}, step, max_iter=MAX_NEWTON_ROUNDS,
+                           on_step=None if record is None else lambda _, state: record(len(state.history),
+                                                                                        state.history[-1]),
+                           message=lambda *_: f"fit: model '{model.name}': Newton did not converge in "
+                                              f"{MAX_NEWTON_ROUNDS} iterations", stacklevel=3)
+    state = states[0]
     beta, summary = fitted_point(state)  # the returned β and the sums evaluated there
     table = wald_table(beta, summary.hess, names, exp_name="OR" if logistic else "HR")
     penalised = beta[1:] if logistic else beta  # the intercept is never penalised
@@ -299,6 +338,7 @@ def _newton(evaluate, names, model: Model, logistic: bool, record=None) -> dict:
         "table": table.reset_index().to_dict(orient="records"),
         "loglik": loglik, "loglik_null": null,
         "n": int(summary.n), "events": int(summary.events),
+        **({"_last": kept["parts"]} if state.final is not None and np.array_equal(kept.get("beta"), beta) else {}),
     }
 
 
@@ -332,11 +372,14 @@ def _after_fit(fed, plan: dict, model: Model, result: dict, sites, horizons, tra
     columns = result.get("columns", plan["columns"])
     needs_baseline = model.kind == "cox" and horizons
     if not columns or not (needs_baseline or model.nomogram):
+        result.pop("_last", None)
         return {}
     final = dict(plan, columns=columns, subsets=None)
     names = (["intercept"] if model.kind == "logistic" else []) + columns
     beta = np.array([result["coefficients"][c] for c in names])
-    parts = _ask_all(fed, sites, traffic, MODEL_BASELINE, final, beta=beta, horizons=np.asarray(horizons, float))
+    parts = result.pop("_last", None)  # asked with the last Newton round, at this β
+    if parts is None:
+        parts = _ask_all(fed, sites, traffic, MODEL_BASELINE, final, beta=beta, horizons=np.asarray(horizons, float))
     out = {}
     if needs_baseline:
         per_site = {s: [None if np.isnan(v) else float(v) for v in p["cumhaz"]] for s, p in zip(sites, parts)}

@@ -37,7 +37,12 @@ class _FitView:
         return getattr(self._shared.fed, name)
 
     def ask(self, stage, round_no, message_type, requests, targets, traffic=None) -> RoundOutcome:
-        return self._shared._wait_for_round(self._key, _Request(message_type, requests, targets, traffic))
+        return self.ask_many([(message_type, requests, targets)], traffic)[0]
+
+    def ask_many(self, asks: list[tuple[str, dict, dict]], traffic=None) -> list[RoundOutcome]:
+        """Several requests of this fit in the same round trip (e.g. the last Newton evaluation and the
+        baseline hazard at the same β): one outcome each, in order."""
+        return self._shared._wait_for_round(self._key, [_Request(t, r, n, traffic) for t, r, n in asks])
 
 
 class SharedRounds:
@@ -47,8 +52,8 @@ class SharedRounds:
         self.fed, self.stage, self.traffic = fed, stage, traffic
         self._changed = threading.Condition()
         self._running: set[str] = set()
-        self._waiting: dict[str, _Request] = {}
-        self._answers: dict[str, RoundOutcome] = {}
+        self._waiting: dict[str, list[_Request]] = {}
+        self._answers: dict[str, list[RoundOutcome]] = {}
 
     def run(self, fits: dict) -> dict:
         """Every fit's result; the first fit's exception (in ``fits`` order) is raised once all have ended."""
@@ -86,33 +91,37 @@ class SharedRounds:
                 raise errors[key]
         return results
 
-    def _wait_for_round(self, key: str, request: _Request) -> RoundOutcome:
+    def _wait_for_round(self, key: str, requests: list[_Request]) -> list[RoundOutcome]:
         with self._changed:
-            self._waiting[key] = request
+            self._waiting[key] = requests
             self._changed.notify_all()
             self._changed.wait_for(lambda: key in self._answers)
             return self._answers.pop(key)
 
-    def _send(self, round_requests: dict[str, _Request]) -> dict[str, RoundOutcome]:
+    def _send(self, round_requests: dict[str, list[_Request]]) -> dict[str, list[RoundOutcome]]:
         round_no = self.traffic.rounds + 1
-        if len(round_requests) == 1:
-            (key, request), = round_requests.items()
+        parts = [(key, request) for key, requests in round_requests.items() for request in requests]
+        if len(parts) == 1:
+            (key, request), = parts
             outcome = self.fed.ask(self.stage, round_no, request.message_type, request.requests, request.targets,
                                    self.traffic)
             _count(request.traffic, outcome, {label: len(payload_bytes(c)) for label, c in request.requests.items()},
                    {label: len(payload_bytes(c)) for label, c in outcome.replies.items()})
-            return {key: outcome}
-        keys = list(round_requests)
-        labels = list(dict.fromkeys(label for r in round_requests.values() for label in r.requests))
-        contents = {label: make_batch({str(i): (round_requests[k].message_type, round_requests[k].requests[label])
-                                       for i, k in enumerate(keys) if label in round_requests[k].requests})
+            return {key: [outcome]}
+        labels = list(dict.fromkeys(label for _, r in parts for label in r.requests))
+        contents = {label: make_batch({str(i): (r.message_type, r.requests[label])
+                                       for i, (_, r) in enumerate(parts) if label in r.requests})
                     for label in labels}
-        targets = {label: t for r in round_requests.values() for label, t in r.targets.items()}
+        targets = {label: t for _, r in parts for label, t in r.targets.items()}
         outcome = self.fed.ask(self.stage, round_no, BATCH, contents, targets, self.traffic)
-        return {k: self._part(outcome, str(i), round_requests[k]) for i, k in enumerate(keys)}
+        answers: dict[str, list[RoundOutcome]] = {key: [] for key in round_requests}
+        counted: set[int] = set()  # a fit with two parts in this round trip took one round trip
+        for i, (key, request) in enumerate(parts):
+            answers[key].append(self._part(outcome, str(i), request, counted))
+        return answers
 
     @staticmethod
-    def _part(outcome: RoundOutcome, part: str, request: _Request) -> RoundOutcome:
+    def _part(outcome: RoundOutcome, part: str, request: _Request, counted: set[int]) -> RoundOutcome:
         """One fit's view of a batch round: its own part of every site's reply."""
         replies, failures, refused = {}, {}, set()
         for label in request.requests:
@@ -128,17 +137,21 @@ class SharedRounds:
             else:
                 replies[label] = answer
         own = RoundOutcome(replies=replies, failures=failures, seconds=outcome.seconds, refused_by_site=refused)
+        first = id(request.traffic) not in counted
+        counted.add(id(request.traffic))
         _count(request.traffic, own, {label: len(payload_bytes(c)) for label, c in request.requests.items()},
-               {label: len(payload_bytes(c)) for label, c in replies.items()})
+               {label: len(payload_bytes(c)) for label, c in replies.items()}, new_round=first)
         return own
 
 
-def _count(traffic: StageTraffic | None, outcome: RoundOutcome, sent: dict[str, int], received: dict[str, int]):
-    """A fit's own share of a round: one round trip, its parts' bytes."""
+def _count(traffic: StageTraffic | None, outcome: RoundOutcome, sent: dict[str, int], received: dict[str, int],
+           new_round: bool = True):
+    """A fit's own share of a round: one round trip (once, however many parts it sent), its parts' bytes."""
     if traffic is None:
         return
-    traffic.rounds += 1
-    traffic.seconds += outcome.seconds
+    if new_round:
+        traffic.rounds += 1
+        traffic.seconds += outcome.seconds
     for label, size in sent.items():
         traffic.bytes_out[label] = traffic.bytes_out.get(label, 0) + size
     for label, size in received.items():

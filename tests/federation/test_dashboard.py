@@ -8,6 +8,8 @@ Python package; no browser is downloaded.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import threading
 from pathlib import Path
@@ -18,7 +20,7 @@ from fastapi.testclient import TestClient
 from fedrad.server.dashboard import DashboardServer, create_app, read_state
 from fedrad.server.runlog import RUNLOG, RunLog, read_runlog
 from tests.federation.cohort import hospital_rows, write_stores
-from tests.federation.conftest import write_study
+from tests.federation.conftest import when_stage_runs, write_study
 
 CHROMIUM = "/usr/bin/chromium"
 REFUSAL = "siteB: privacy guard: the reply was computed from fewer cases than min_count=25"
@@ -165,14 +167,22 @@ def test_dashboard_follows_a_running_study_in_headless_chromium(tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(server.url)
         assert page.locator("#phase").inner_text() == "waiting"  # before the run: no log yet, no error
+        # round trips take under a second: siteA's SuperNode is frozen while fit round 2 waits for it, so the
+        # page can be caught mid-round, then thawed (well inside resend_after_s)
+        node = fed.processes["site-siteA"].pid
+        frozen = when_stage_runs(run_dir, "fit", 2, lambda: os.kill(node, signal.SIGSTOP))
         runner = threading.Thread(target=run, daemon=True)
         runner.start()
-        # mid-run: Newton going (its first iteration plotted), the next round waiting for the sites' replies
-        page.wait_for_selector('#stages tr[data-stage="fit"][data-status="running"]', timeout=240_000)
-        page.wait_for_selector('#rounds tr[data-stage="fit"][data-round="2"][data-status="in progress"]',
-                               timeout=120_000)
-        page.screenshot(path=shot, full_page=True)
-        assert _run_status(run_dir) == "running"  # still running after the screenshot, so during it too
+        try:
+            # mid-run: Newton going (its first iteration plotted), the next round waiting for the sites' replies
+            page.wait_for_selector('#stages tr[data-stage="fit"][data-status="running"]', timeout=240_000)
+            page.wait_for_selector('#rounds tr[data-stage="fit"][data-round="2"][data-status="in progress"]',
+                                   timeout=120_000)
+            page.screenshot(path=shot, full_page=True)
+            assert _run_status(run_dir) == "running"  # still running after the screenshot, so during it too
+        finally:
+            frozen.join(5)
+            os.kill(node, signal.SIGCONT)
         runner.join(timeout=600)
         assert "results" in outcome, outcome.get("error")
         results = outcome["results"]

@@ -21,7 +21,7 @@ import fedrad.client.warm_runtime as warm
 from fedrad.server.local import LocalFederation, _alive, descendants
 from fedrad.server.runlog import read_runlog
 from tests.federation.cohort import hospital_rows, write_stores
-from tests.federation.conftest import aligned, read_site_outputs, write_study
+from tests.federation.conftest import aligned, read_site_outputs, when_stage_runs, write_study
 from tests.oracles import neurocombat
 
 FEATURES = [f"original_firstorder_F{j:02d}" for j in range(12)]
@@ -70,6 +70,23 @@ def test_a_task_pulls_its_message_with_the_short_backoff_and_flowers_default_is_
         function.__kwdefaults__.update(before)
 
 
+def test_a_fork_server_that_dies_or_hangs_is_replaced_and_the_task_still_forked(monkeypatch):
+    """The SuperExec waits for the server's "forked PID": a request written to a server that is dying, or
+    stuck, is given to a fresh server instead of vanishing (its SuperNode would wait for ever)."""
+    monkeypatch.setattr(warm, "FORK_ACK_S", 2.0)
+    server = warm.ForkServer()
+    try:
+        assert server.launch(["--help"]) > 0 and server.restarts == 0  # flwr-clientapp --help: forks, exits
+        os.kill(server.pid, signal.SIGKILL)
+        assert server.launch(["--help"]) > 0 and server.restarts == 1
+        stuck = server.pid
+        os.kill(stuck, signal.SIGSTOP)
+        assert server.launch(["--help"]) > 0 and server.pid != stuck and server.restarts == 2
+        assert not _alive(stuck)
+    finally:
+        server.close()
+
+
 def test_a_forked_task_gets_exactly_the_arguments_flowers_own_executor_gives_flwr_clientapp(monkeypatch):
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import ExecutionSpec
@@ -115,25 +132,6 @@ def _expected(table: pd.DataFrame) -> np.ndarray:
                        parametric=True, mean_only=False)
 
 
-def _when_stage_runs(run_dir, stage: str, round_no: int, action, timeout_s: float = 240) -> threading.Thread:
-    """Run ``action`` once the run log shows ``stage`` round ``round_no`` sent (mid-stage)."""
-    def watch():
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ex = read_runlog(run_dir)["exchanges"]
-                if ((ex.stage == stage) & (ex["round"] >= round_no)).any():
-                    action()
-                    return
-            except (FileNotFoundError, ValueError, KeyError, pd.errors.DatabaseError):  # not written yet
-                pass
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_site_whose_warm_processes_die_mid_stage_carries_on_and_the_stock_runtime_agrees(cohort):
     root, table, stores = cohort
     study = write_study(root / "study.toml", STUDY)
@@ -146,7 +144,7 @@ def test_a_site_whose_warm_processes_die_mid_stage_carries_on_and_the_stock_runt
             os.kill(fed.processes["exec-siteB"].pid, signal.SIGKILL)  # siteB: its whole SuperExec
             kills.append(fork_server)
 
-        watcher = _when_stage_runs(root / "warm-run", "harmonise", 2, kill_warm_processes)
+        watcher = when_stage_runs(root / "warm-run", "harmonise", 2, kill_warm_processes)
         results = fed.run_study(study, root / "warm-run")
         watcher.join(1)
         logs = {site: fed.log_tail(f"exec-{site}", 400) for site in ("siteA", "siteB")}
@@ -182,7 +180,7 @@ def test_a_site_silent_past_resend_after_s_is_asked_again_answers_twice_and_the_
             time.sleep(6)  # past resend_after_s, before a second copy would go
             os.kill(node, signal.SIGCONT)
 
-        watcher = _when_stage_runs(root / "resend-run", "harmonise", 1, freeze_then_thaw)  # round 1 or 2 waits
+        watcher = when_stage_runs(root / "resend-run", "harmonise", 1, freeze_then_thaw)  # round 1 or 2 waits
         results = fed.run_study(study, root / "resend-run")
         watcher.join(10)
     assert results["status"] == "completed", results.get("error")

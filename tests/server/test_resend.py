@@ -75,3 +75,29 @@ def test_training_is_never_asked_twice(tmp_path):
     grid = LosingGrid(lose=1)
     outcome = _ask(tmp_path, grid, message_type="train.cnn", timeout_s=1.0)
     assert "siteB" in outcome.failures and len(grid.pushed) == 2
+
+
+class FailingPushGrid(LosingGrid):
+    """A SuperLink under load: the first ``fail`` pushes raise what Flower raises when its object-push
+    session expired."""
+
+    def __init__(self, fail: int):
+        super().__init__(lose=0)
+        self.fail = fail
+
+    def push_messages(self, messages):
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+
+        if self.fail:
+            self.fail -= 1
+            raise ObjectPushError("390dc313", 1, "a055da3a")  # what a 30-site bench run met (file state)
+        return super().push_messages(messages)
+
+
+def test_a_failed_push_is_pushed_again_and_a_hopeless_one_fails_the_sites_not_the_study(tmp_path, monkeypatch):
+    monkeypatch.setattr(federation.time, "sleep", lambda _: None)
+    outcome = _ask(tmp_path, FailingPushGrid(fail=1))
+    assert not outcome.failures and set(outcome.replies) == {"siteA", "siteB"}
+    outcome = _ask(tmp_path, FailingPushGrid(fail=federation.PUSH_ATTEMPTS), timeout_s=1.0)
+    assert outcome.failures == {"siteA": "the SuperLink did not accept the message",
+                                "siteB": "the SuperLink did not accept the message"}

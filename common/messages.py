@@ -15,6 +15,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from fedrad.common.errors import FedradError
+
 CENSUS = "query.census"
 COMBAT_MOMENTS = "query.combat_moments"
 COMBAT_RESIDUALS = "query.combat_residuals"
@@ -120,8 +122,6 @@ def _prefixed(content: RecordDict, key: str) -> RecordDict:
 
 def split_batch(content: RecordDict) -> dict[str, tuple[str, RecordDict]]:
     """The parts of :func:`make_batch`'s content."""
-    from fedrad.common.errors import FedradError
-
     if _BATCH_RECORD not in content or "types" not in content[_BATCH_RECORD]:
         raise FedradError("the coordinator's batch request names no parts")
     return {key: (message_type, _prefixed(content, key))

@@ -21,12 +21,14 @@ import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import httpx
 import numpy as np
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from fedrad.common.errors import FedradError
 from fedrad.common.messages import PRIVACY_REFUSED, SITE_FAILED, payload_bytes
@@ -52,6 +54,9 @@ class RoundOutcome:
     seconds: float
     #: labels whose failure is the site's own refusal (its reason starts with the site's name)
     refused_by_site: set[str] = field(default_factory=set)
+    #: bytes of each site's request and of its reply (or refusal), as the traffic counts them
+    bytes_out: dict[str, int] = field(default_factory=dict)
+    bytes_in: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,21 +98,20 @@ class Federation:
             nodes = self.online()
         return nodes
 
-    def _push(self, messages: list[Message], stage: str, round_no: int) -> list[str | None]:
-        """Message ids (None where not accepted). A SuperLink under load can fail a push ("database is
-        locked", an object-push session that expired): the same messages are pushed again, three times in
-        all, before their sites count as not reached; the study itself never stops on it."""
+    def _push(self, build, stage: str, round_no: int) -> list[str | None]:
+        """Message ids (None where not accepted) of the messages ``build()`` makes. A SuperLink under load can
+        fail a push ("database is locked", an object-push session that expired): fresh copies are pushed
+        again, three times in all, before their sites count as not reached; the study never stops on it."""
         for attempt in range(PUSH_ATTEMPTS):
+            messages = build()
             if not messages:
                 return []
             try:
                 return list(self.grid.push_messages(messages))
-            except _push_attempts() as exc:
+            except (ObjectPushError, httpx.HTTPError) as exc:
                 log(WARNING, "%s round %d: the SuperLink failed a push (%s: %s); attempt %d of %d", stage, round_no,
                     type(exc).__name__, str(exc)[:200], attempt + 1, PUSH_ATTEMPTS)
                 time.sleep(1.0 + attempt)
-                messages = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type,
-                                    group_id=m.metadata.group_id) for m in messages]
         return [None] * len(messages)
 
     def ask(self, stage: str, round_no: int, message_type: str, requests: dict[str, RecordDict],
@@ -116,16 +120,19 @@ class Federation:
         started = time.time()
         online = self.online()
         failures: dict[str, str] = {}
-        messages, labels = [], []
-        for label, content in requests.items():
+        labels = []
+        for label in requests:
             if targets[label] not in online:
                 failures[label] = "offline: its SuperNode is not connected to the SuperLink"
                 continue
-            messages.append(Message(content, dst_node_id=targets[label], message_type=message_type,
-                                    group_id=f"{stage}-{round_no}"))
             labels.append(label)
+
+        def messages_to(sites: list[str]) -> list[Message]:
+            return [Message(requests[label], dst_node_id=targets[label], message_type=message_type,
+                            group_id=f"{stage}-{round_no}") for label in sites]
+
         sizes = {label: len(payload_bytes(requests[label])) for label in labels}
-        ids = self._push(messages, stage, round_no)
+        ids = self._push(lambda: messages_to(labels), stage, round_no)
         pending = {mid: label for mid, label in zip(ids, labels) if mid}
         for label in set(labels) - set(pending.values()):
             failures[label] = "the SuperLink did not accept the message"
@@ -153,9 +160,7 @@ class Federation:
                     received[label] = (len(payload_bytes(reply.content)), time.time() - started)
             if pending and resends.due():
                 silent = sorted(set(pending.values()))
-                copies = [Message(requests[label], dst_node_id=targets[label], message_type=message_type,
-                                  group_id=f"{stage}-{round_no}") for label in silent]
-                for mid, label in zip(self._push(copies, stage, round_no), silent):
+                for mid, label in zip(self._push(lambda: messages_to(silent), stage, round_no), silent):
                     if mid:
                         pending[mid] = label
                 log(WARNING, "%s round %d: no reply yet from %s after %.0f s: asked again", stage, round_no,
@@ -182,7 +187,9 @@ class Federation:
             len(replies), len(requests), seconds)
         for label, reason in failures.items():
             log(WARNING, "%s round %d: %s failed: %s", stage, round_no, label, reason)
-        return RoundOutcome(replies=replies, failures=failures, seconds=seconds, refused_by_site=refused_by_site)
+        return RoundOutcome(replies=replies, failures=failures, seconds=seconds, refused_by_site=refused_by_site,
+                            bytes_out={label: sizes.get(label, 0) for label in requests},
+                            bytes_in={label: received.get(label, (0, 0.0))[0] for label in requests})
 
 
 class _Resends:
@@ -198,13 +205,6 @@ class _Resends:
         self.sent += 1
         self._next = time.monotonic() + self.after_s
         return True
-
-
-def _push_attempts() -> tuple[type[BaseException], ...]:
-    import httpx
-    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
-
-    return ObjectPushError, httpx.HTTPError
 
 
 def _reason(reply: Message) -> str:

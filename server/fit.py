@@ -161,15 +161,10 @@ def _evaluator(fed: Federation, sites: list[str], plan: dict, name: str, traffic
                 for f in range(parts[0]["loglik"].shape[0]) for u in range(parts[0]["loglik"].shape[1])}
 
     def evaluate(points: np.ndarray, also=None):
+        summaries = (MODEL_SUMMARIES, {s: request(plan, points=points) for s in sites})
         if also is None:
-            return combined(_ask_all(fed, sites, traffic, MODEL_SUMMARIES, plan, points=points))
-        targets = {s: fed.sites[s] for s in sites}
-        outcomes = fed.ask_many([(MODEL_SUMMARIES, {s: request(plan, points=points) for s in sites}, targets),
-                                 (also[0], also[1], targets)], traffic)
-        failures = {s: r for outcome in outcomes for s, r in outcome.failures.items()}
-        if failures:
-            raise _SiteDropped(failures)
-        parts, extra = ([record_arrays(o.replies[s]["arrays"]) for s in sites] for o in outcomes)
+            return combined(_ask_together(fed, sites, traffic, [summaries])[0])
+        parts, extra = _ask_together(fed, sites, traffic, [summaries, also])
         return combined(parts), extra
     return evaluate
 
@@ -187,11 +182,18 @@ def _baseline_request(plan: dict, model: Model, columns: list[str], sites: list[
 
 def _ask_all(fed, sites, traffic, message_type, plan, **arrays) -> list[dict]:
     """Every site's reply arrays, in the order of ``sites``."""
-    outcome = fed.ask("fit", traffic.rounds + 1, message_type, {s: request(plan, **arrays) for s in sites},
-                      {s: fed.sites[s] for s in sites}, traffic)
-    if outcome.failures:
-        raise _SiteDropped(outcome.failures)
-    return [record_arrays(outcome.replies[s]["arrays"]) for s in sites]
+    return _ask_together(fed, sites, traffic, [(message_type, {s: request(plan, **arrays) for s in sites})])[0]
+
+
+def _ask_together(fed, sites, traffic, asks: list[tuple[str, dict]]) -> list[list[dict]]:
+    """``[(message type, request per site)]`` in one round trip (server/shared_rounds.py): per ask, every
+    site's reply arrays in the order of ``sites``; a site that fails any of them is dropped."""
+    targets = {s: fed.sites[s] for s in sites}
+    outcomes = fed.ask_many([(message_type, requests, targets) for message_type, requests in asks], traffic)
+    failures = {s: reason for outcome in outcomes for s, reason in outcome.failures.items()}
+    if failures:
+        raise _SiteDropped(failures)
+    return [[record_arrays(outcome.replies[s]["arrays"]) for s in sites] for outcome in outcomes]
 
 
 def _risk_set_evaluator(fed, sites, plan, model: Model, traffic):
@@ -312,9 +314,8 @@ def _newton(evaluate, names, model: Model, logistic: bool, record=None, last=Non
 
     def evaluate_all(states, active):
         beta = states[0].beta
-        if states[0].converged and last is not None:  # the confirming evaluation
+        if states[0].converged and last is not None:  # the confirming evaluation, at the returned β
             totals, kept["parts"] = evaluate(beta[None, None, :], also=last(beta))
-            kept["beta"] = beta
         else:
             totals = evaluate(beta[None, None, :])
         return {0: totals[(0, 0)].train}
@@ -338,7 +339,7 @@ def _newton(evaluate, names, model: Model, logistic: bool, record=None, last=Non
         "table": table.reset_index().to_dict(orient="records"),
         "loglik": loglik, "loglik_null": null,
         "n": int(summary.n), "events": int(summary.events),
-        **({"_last": kept["parts"]} if state.final is not None and np.array_equal(kept.get("beta"), beta) else {}),
+        **({"_last": kept["parts"]} if "parts" in kept else {}),
     }
 
 

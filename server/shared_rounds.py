@@ -105,8 +105,7 @@ class SharedRounds:
             (key, request), = parts
             outcome = self.fed.ask(self.stage, round_no, request.message_type, request.requests, request.targets,
                                    self.traffic)
-            _count(request.traffic, outcome, {label: len(payload_bytes(c)) for label, c in request.requests.items()},
-                   {label: len(payload_bytes(c)) for label, c in outcome.replies.items()})
+            _count(request.traffic, outcome, outcome.bytes_out, outcome.bytes_in)
             return {key: [outcome]}
         labels = list(dict.fromkeys(label for _, r in parts for label in r.requests))
         contents = {label: make_batch({str(i): (r.message_type, r.requests[label])

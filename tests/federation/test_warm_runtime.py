@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 
 import fedrad.client.warm_runtime as warm
 from fedrad.server.local import LocalFederation, _alive, descendants
-from fedrad.server.runlog import read_runlog
 from tests.federation.cohort import hospital_rows, write_stores
 from tests.federation.conftest import aligned, read_site_outputs, when_stage_runs, write_study
 from tests.oracles import neurocombat
